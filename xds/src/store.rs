@@ -1,0 +1,135 @@
+//! The shared handle on the mesh [`State`]: cloned into every task that
+//! reads it, written by the sources that feed it.
+//!
+//! Access goes through closures so a lock guard can never be held across an
+//! `.await`; critical sections are look-ups or single upserts. A whole new
+//! state (a reloaded mesh file) is built outside the lock and swapped in.
+//! Change notification is left to the xDS work that needs it.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::service::Service;
+use crate::state::{Destination, State};
+use crate::workload::Workload;
+
+/// Cheap to clone; all clones see the same state.
+#[derive(Clone, Default)]
+pub struct Store {
+    state: Arc<RwLock<State>>,
+}
+
+impl Store {
+    pub fn new(state: State) -> Self {
+        Self {
+            state: Arc::new(RwLock::new(state)),
+        }
+    }
+
+    /// Runs `f` with the state read-locked. Keep `f` short: writers wait.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        // A writer that panicked left the indexes as its last completed step
+        // did; serving them beats taking every reader down with it.
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        f(&state)
+    }
+
+    /// Runs `f` with the state write-locked, e.g. to apply one xDS update.
+    pub fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        f(&mut state)
+    }
+
+    /// Swaps in a whole new state; returns the old one, so it is dropped
+    /// outside the lock.
+    pub fn replace(&self, state: State) -> State {
+        self.update(|current| std::mem::replace(current, state))
+    }
+
+    /// See [`State::resolve`].
+    pub fn resolve(&self, network: &str, dst: SocketAddr) -> Destination {
+        self.read(|s| s.resolve(network, dst))
+    }
+
+    /// See [`State::workload_by_ip`].
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.read(|s| s.workload_by_ip(network, ip))
+    }
+
+    /// See [`State::workload_by_uid`].
+    pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.read(|s| s.workload_by_uid(uid))
+    }
+
+    /// See [`State::workloads_on_node`].
+    pub fn workloads_on_node(&self, node: &str) -> Vec<Arc<Workload>> {
+        self.read(|s| s.workloads_on_node(node))
+    }
+
+    /// See [`State::service_by_vip`].
+    pub fn service_by_vip(&self, network: &str, vip: SocketAddr) -> Option<Arc<Service>> {
+        self.read(|s| s.service_by_vip(network, vip))
+    }
+}
+
+impl From<State> for Store {
+    fn from(state: State) -> Self {
+        Self::new(state)
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.read(|s| {
+            f.debug_struct("Store")
+                .field("workloads", &s.workloads().count())
+                .field("services", &s.services().count())
+                .finish()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use identity::Identity;
+
+    fn workload(uid: &str, ip: [u8; 4]) -> Workload {
+        let mut w = Workload::new(uid, uid, Identity::with_defaults("", "demo", "").unwrap());
+        w.addresses = vec![IpAddr::from(ip)];
+        w
+    }
+
+    #[test]
+    fn clones_share_updates_and_replace_swaps_everything() {
+        let store = Store::default();
+        let reader = store.clone();
+        store.update(|s| s.upsert_workload(workload("demo/a", [127, 0, 0, 2])));
+        let ip = IpAddr::from([127, 0, 0, 2]);
+        assert_eq!(reader.workload_by_ip("", ip).unwrap().uid, "demo/a");
+
+        let mut next = State::new();
+        next.upsert_workload(workload("demo/b", [127, 0, 0, 3]));
+        let old = store.replace(next);
+        assert!(old.workload_by_uid("demo/a").is_some());
+        assert!(reader.workload_by_uid("demo/a").is_none());
+        assert!(reader.workload_by_ip("", ip).is_none());
+        assert!(reader.workload_by_uid("demo/b").is_some());
+    }
+
+    #[test]
+    fn a_panicking_writer_does_not_take_readers_down() {
+        let store = Store::default();
+        let writer = store.clone();
+        let result = std::thread::spawn(move || {
+            writer.update(|s| {
+                s.upsert_workload(workload("demo/a", [127, 0, 0, 2]));
+                panic!("writer fails after its upsert");
+            })
+        })
+        .join();
+        assert!(result.is_err());
+        assert!(store.workload_by_uid("demo/a").is_some());
+    }
+}
