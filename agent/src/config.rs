@@ -1,0 +1,144 @@
+//! The one typed configuration tree: defaults < environment < flags (clap with `env =`),
+//! validated once at start. Each component gets only its own part.
+//!
+//! Tests build [`Config`] directly instead of going through the process environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::proxy::pool::PoolConfig;
+
+/// Ports of the agent's per-workload listeners (hbone.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub hbone: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            hbone: 15008,
+        }
+    }
+}
+
+/// HTTP/2 settings of HBONE connections (hbone.md §3.3).
+#[derive(Debug, Clone)]
+pub struct H2Config {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+}
+
+impl Default for H2Config {
+    fn default() -> Self {
+        Self {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What the proxy needs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub ports: Ports,
+    pub connect_timeout: Duration,
+    /// How long a TLS + HTTP/2 handshake may take, either side.
+    pub handshake_timeout: Duration,
+    pub h2: H2Config,
+    pub pool: PoolConfig,
+    /// This node's name: local workloads are those whose `node` is this.
+    pub node_name: String,
+    /// `k8s.cluster.name` in baggage.
+    pub cluster_id: String,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            ports: Ports::default(),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            h2: H2Config::default(),
+            pool: PoolConfig::default(),
+            node_name: String::new(),
+            cluster_id: "Kubernetes".into(),
+        }
+    }
+}
+
+/// Where the built-in CA's root comes from.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// A state directory: the root is created there on first run, loaded afterwards.
+    Dir(PathBuf),
+    /// Existing files (Istio's `cacerts` layout), so several agents share one root.
+    Files(ca_client::CaFiles),
+}
+
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub source: CaSource,
+    /// Lifetime of issued workload certificates.
+    pub cert_ttl: Duration,
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mesh_file: PathBuf,
+    pub ca: CaConfig,
+    /// SOCKS5 listener (off by default); enters the outbound path without capture.
+    pub socks5: Option<SocketAddr>,
+    pub proxy: ProxyConfig,
+    /// How long SIGTERM waits for open connections before closing them.
+    pub drain_deadline: Duration,
+}
+
+/// Parses durations like `500ms`, `10s`, `5m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (use ms, s, m or h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{s:?} has unknown unit {unit:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_the_rest() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("10d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("s").unwrap_err().contains("whole number"));
+    }
+}

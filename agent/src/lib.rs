@@ -1,0 +1,16 @@
+//! ambientd, the node agent: configuration, wiring and lifecycle, and the L4 proxy that
+//! carries enrolled workloads' TCP traffic over HBONE.
+//!
+//! The mesh state comes from `xds`, certificates from `ca-client`; this crate turns them into
+//! listeners, TLS sessions and proxied connections. See ARCHITECTURE.md for the runtime split
+//! and the port table.
+
+pub mod app;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod drain;
+pub mod events;
+pub mod proxy;
+pub mod tls;

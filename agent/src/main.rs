@@ -1,0 +1,57 @@
+//! The `ambientd` binary: parse the command line, set up logging, run the command.
+
+use std::process::ExitCode;
+
+use agent::cli::{CaCommand, Cli, Command, LogFormat};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => {
+                let cfg = args.into_config().map_err(anyhow::Error::msg)?;
+                tracing::info!(config = ?cfg, "starting");
+                agent::app::run(cfg).await
+            }
+            Command::Demo => agent::demo::run().await,
+            Command::Ca(CaCommand::Init { dir }) => agent::ca::init(&dir),
+            Command::Ca(CaCommand::Issue {
+                dir,
+                identity,
+                out,
+                ttl,
+            }) => agent::ca::issue(&dir, &identity, &out, ttl),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,161 @@
+//! The L4 proxy: per-workload listeners and every proxied connection.
+//!
+//! For each local workload the agent opens, on the workload's address:
+//! - 15001 outbound ([`outbound`]): captured client traffic → HBONE or plain passthrough;
+//! - 15006 inbound plaintext ([`plaintext`]): clients outside the mesh → the workload;
+//! - 15008 inbound HBONE ([`inbound`]): tunnels from peer agents → the workload.
+//!
+//! An optional SOCKS5 listener ([`socks5`]) enters the same outbound path without capture.
+//! Each server is a function of its listener and a drain [`Watch`](crate::drain::Watch).
+
+pub mod copy;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod plaintext;
+pub mod pool;
+pub mod socks5;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::ProxyConfig;
+use crate::events::Events;
+use crate::tls::Credentials;
+
+/// The destination the client asked for, before capture redirected it (`SO_ORIGINAL_DST`), or
+/// the address it named through SOCKS5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrigDstAddr(pub SocketAddr);
+
+/// The address of the other end of an accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Everything the proxy's connections share. Cheap to clone behind an `Arc`.
+pub struct Proxy {
+    pub cfg: ProxyConfig,
+    pub state: xds::Store,
+    pub creds: Arc<Credentials>,
+    pub certs: ca_client::Cache,
+    pub pool: pool::Pool,
+    pub events: Events,
+}
+
+impl Proxy {
+    /// Ports the agent serves itself: traffic aimed at them is refused, never proxied (no
+    /// loops, no nested tunnels).
+    pub fn is_own_port(&self, port: u16) -> bool {
+        let p = &self.cfg.ports;
+        port == p.outbound || port == p.inbound_plaintext || port == p.hbone
+    }
+
+    /// Connects to `dst` with the configured timeout, from `src` when given.
+    pub async fn connect(&self, src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = src {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        let stream = tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dst))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connect to {dst} timed out after {:?}",
+                        self.cfg.connect_timeout
+                    ),
+                )
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// Binds a listener with SO_REUSEADDR and SO_REUSEPORT, so a new agent can bind beside one
+/// that is draining.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// The original destination of a captured connection: `SO_ORIGINAL_DST` when NAT redirected
+/// it, else the address it was accepted on.
+pub fn orig_dst(stream: &TcpStream) -> io::Result<OrigDstAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let original = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    match original.ok().and_then(|a| a.as_socket()) {
+        Some(addr) => Ok(OrigDstAddr(addr)),
+        None => Ok(OrigDstAddr(local)),
+    }
+}
+
+/// Sends a PING every `interval`; returns when a PONG does not come back within `timeout`.
+pub(crate) async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => {
+                // The connection itself ended; its driver reports that.
+                std::future::pending::<()>().await;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Accepts connections until the drain starts; runs `handler` for each on its own task,
+/// which holds a drain watch until it ends and is abandoned when the drain deadline passes.
+pub async fn serve<F, Fut>(listener: TcpListener, drain: crate::drain::Watch, handler: F)
+where
+    F: Fn(TcpStream, PeerAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            () = drain.draining() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let conn = handler(stream, PeerAddr(peer));
+                let watch = drain.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = conn => {}
+                        () = watch.closed() => {}
+                    }
+                    drop(watch);
+                });
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(listener = ?local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = ?local, "listener closed for drain");
+}

@@ -1,0 +1,240 @@
+//! Inbound HBONE (15008): mutual TLS presenting the destination workload's certificate, then
+//! one HTTP/2 `CONNECT` stream per tunnelled TCP connection, delivered to the workload.
+//!
+//! Status codes (hbone.md §3.2): 400 for a request that is not `CONNECT` or whose authority is
+//! not `ip:port` of this workload; 503 when the upstream connection fails; 200 only once the
+//! upstream connection is established.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use identity::Identity;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use xds::Workload;
+
+use super::{PeerAddr, Proxy, copy, headers};
+use crate::drain::Watch;
+use crate::events::{ConnectionRecord, Direction};
+use crate::tls;
+
+/// One accepted TCP connection on a workload's HBONE listener.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    workload: Arc<Workload>,
+    tcp: TcpStream,
+    peer: PeerAddr,
+    drain: Watch,
+) {
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let _ = tcp.set_nodelay(true);
+    let id = workload.identity().clone();
+    let Some(config) = proxy.creds.server_config(&id) else {
+        tracing::warn!(workload = %workload.uid, identity = %id, "no certificate to present; HBONE connection refused");
+        return;
+    };
+    let handshake = async {
+        let tls = TlsAcceptor::from(config).accept(tcp).await?;
+        let peer_id = tls::peer_identity(tls.get_ref().1);
+        let conn = h2::server::Builder::new()
+            .initial_window_size(proxy.cfg.h2.stream_window)
+            .initial_connection_window_size(proxy.cfg.h2.connection_window)
+            .max_frame_size(proxy.cfg.h2.max_frame_size)
+            .max_concurrent_streams(200)
+            .max_header_list_size(64 * 1024)
+            .max_send_buffer_size(400 * 1024)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((conn, peer_id))
+    };
+    let (mut conn, peer_id) =
+        match tokio::time::timeout(proxy.cfg.handshake_timeout, handshake).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                tracing::warn!(src = %peer.0, dst = %local, error = %e, "HBONE handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(src = %peer.0, dst = %local, "HBONE handshake timed out");
+                return;
+            }
+        };
+    tracing::debug!(src = %peer.0, dst = %local, peer_identity = ?peer_id, "HBONE connection accepted");
+    let pings = conn.ping_pong();
+    let keepalive = async {
+        match pings {
+            Some(p) => {
+                super::keepalive(p, proxy.cfg.h2.ping_interval, proxy.cfg.h2.ping_timeout).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let stream = Stream {
+                        proxy: proxy.clone(),
+                        workload: workload.clone(),
+                        local,
+                        peer,
+                        peer_id: peer_id.clone(),
+                    };
+                    tokio::spawn(stream.serve(req, respond));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(src = %peer.0, error = %e, "HBONE connection error");
+                    break;
+                }
+                None => break,
+            },
+            () = &mut keepalive => {
+                tracing::warn!(src = %peer.0, "HBONE peer did not answer PING; connection closed");
+                break;
+            }
+            () = drain.draining(), if !draining => {
+                // GOAWAY: no new streams; open ones finish.
+                conn.graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+struct Stream {
+    proxy: Arc<Proxy>,
+    workload: Arc<Workload>,
+    /// The address the tunnel connection was accepted on (the workload's IP).
+    local: SocketAddr,
+    peer: PeerAddr,
+    peer_id: Option<Identity>,
+}
+
+/// Why a CONNECT was refused, with the status it is answered with.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("method {0} is not CONNECT")]
+    NotConnect(Method),
+    #[error("authority {0:?} is not an ip:port")]
+    BadAuthority(String),
+    #[error("authority {authority} is not this workload's address {local}")]
+    WrongAuthority {
+        authority: SocketAddr,
+        local: std::net::IpAddr,
+    },
+    #[error("authority {0} is one of the agent's own ports")]
+    OwnPort(SocketAddr),
+    #[error("connect to {addr}: {source}")]
+    Upstream {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NotConnect(_)
+            | Refusal::BadAuthority(_)
+            | Refusal::WrongAuthority { .. }
+            | Refusal::OwnPort(_) => StatusCode::BAD_REQUEST,
+            Refusal::Upstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl Stream {
+    async fn serve(self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let started = Instant::now();
+        let mut rec = ConnectionRecord {
+            direction: Direction::InboundHbone,
+            src: client_addr(&req).unwrap_or(self.peer.0),
+            dst: self.local,
+            local_identity: Some(self.workload.identity().clone()),
+            peer_identity: self.peer_id.clone(),
+            sent: 0,
+            received: 0,
+            duration: Default::default(),
+            error: None,
+        };
+        match self.connect(&req).await {
+            Ok((authority, upstream)) => {
+                rec.dst = authority;
+                let response = Response::builder()
+                    .status(StatusCode::OK)
+                    .header(
+                        headers::BAGGAGE,
+                        headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
+                    )
+                    .body(())
+                    .expect("static response is valid");
+                match respond.send_response(response, false) {
+                    Ok(send) => match copy::tunnel(&upstream, send, req.into_body()).await {
+                        // The tunnel's client is the peer: bytes it sent are "sent".
+                        Ok(t) => (rec.received, rec.sent) = (t.a_to_b, t.b_to_a),
+                        Err(e) => rec.error = Some(e.to_string()),
+                    },
+                    Err(e) => rec.error = Some(format!("sending 200: {e}")),
+                }
+            }
+            Err(refusal) => {
+                let response = Response::builder()
+                    .status(refusal.status())
+                    .body(())
+                    .expect("static response is valid");
+                let _ = respond.send_response(response, true);
+                rec.error = Some(format!("{} ({})", refusal, refusal.status()));
+            }
+        }
+        rec.duration = started.elapsed();
+        self.proxy.events.record(rec);
+    }
+
+    async fn connect(&self, req: &Request<RecvStream>) -> Result<(SocketAddr, TcpStream), Refusal> {
+        if req.method() != Method::CONNECT {
+            return Err(Refusal::NotConnect(req.method().clone()));
+        }
+        let raw = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+        let authority: SocketAddr = raw
+            .parse()
+            .map_err(|_| Refusal::BadAuthority(raw.to_owned()))?;
+        if authority.ip() != self.local.ip() {
+            return Err(Refusal::WrongAuthority {
+                authority,
+                local: self.local.ip(),
+            });
+        }
+        if self.proxy.is_own_port(authority.port()) {
+            return Err(Refusal::OwnPort(authority));
+        }
+        let upstream = self
+            .proxy
+            .connect(None, authority)
+            .await
+            .map_err(|source| Refusal::Upstream {
+                addr: authority,
+                source,
+            })?;
+        Ok((authority, upstream))
+    }
+}
+
+/// The original client from `forwarded: for="ip:port"`, when the peer sent one.
+fn client_addr(req: &Request<RecvStream>) -> Option<SocketAddr> {
+    let value = req.headers().get(headers::FORWARDED)?.to_str().ok()?;
+    value.split(';').find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?;
+        v.trim_matches('"').parse().ok()
+    })
+}

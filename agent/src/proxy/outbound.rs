@@ -1,0 +1,346 @@
+//! Outbound: a client in a local workload connects somewhere; the agent finds out where, and
+//! carries the connection over HBONE when the destination accepts it, as plain TCP otherwise.
+//!
+//! Entered from the 15001 capture listener (destination from `SO_ORIGINAL_DST`) and from
+//! SOCKS5 (destination named by the client). Connecting is separate from copying so SOCKS5 can
+//! answer with the outcome before bytes flow.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use identity::Identity;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use xds::{Destination, Service, Workload};
+
+use super::pool::{self, Checkout, Key};
+use super::{OrigDstAddr, PeerAddr, Proxy, copy, headers};
+use crate::events::{ConnectionRecord, Direction};
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("destination {0} is one of the agent's own ports")]
+    OwnPort(SocketAddr),
+    #[error("service {0} has no healthy endpoint")]
+    NoHealthyEndpoint(String),
+    #[error("workload {0} has no address of the destination's family")]
+    NoAddress(String),
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("no certificate for {identity}: {source}")]
+    Certificate {
+        identity: Identity,
+        source: ca_client::Error,
+    },
+    #[error("TLS configuration for {identity}: {source}")]
+    TlsConfig {
+        identity: Identity,
+        source: tls::TlsError,
+    },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("{addr} answered {status} to CONNECT {authority}")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("{what} with {addr} timed out")]
+    Timeout {
+        what: &'static str,
+        addr: SocketAddr,
+    },
+}
+
+/// Where the client's bytes go once connected.
+pub enum Upstream {
+    Hbone {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        peer: Option<Identity>,
+        /// Holds the stream's slot on the pooled connection.
+        _slot: Checkout,
+    },
+    Tcp(TcpStream),
+}
+
+impl Upstream {
+    fn direction(&self) -> Direction {
+        match self {
+            Upstream::Hbone { .. } => Direction::OutboundHbone,
+            Upstream::Tcp(_) => Direction::OutboundPassthrough,
+        }
+    }
+
+    fn peer(&self) -> Option<Identity> {
+        match self {
+            Upstream::Hbone { peer, .. } => peer.clone(),
+            Upstream::Tcp(_) => None,
+        }
+    }
+
+    /// Copies between the client and the upstream until both directions ended.
+    pub async fn copy(self, client: &TcpStream) -> io::Result<copy::Transferred> {
+        match self {
+            Upstream::Hbone {
+                send, recv, _slot, ..
+            } => copy::tunnel(client, send, recv).await,
+            Upstream::Tcp(server) => copy::tcp(client, &server).await,
+        }
+    }
+}
+
+/// Serves one captured connection from `source`.
+pub async fn handle(proxy: Arc<Proxy>, source: Arc<Workload>, client: TcpStream, peer: PeerAddr) {
+    let dst = match super::orig_dst(&client) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(src = %peer.0, error = %e, "cannot read the original destination");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let result = open(&proxy, &source, peer, dst).await;
+    finish(&proxy, &source, &client, peer, dst, started, result).await;
+}
+
+/// Copies a connection whose upstream was opened (or failed) and records the outcome.
+pub async fn finish(
+    proxy: &Proxy,
+    source: &Workload,
+    client: &TcpStream,
+    peer: PeerAddr,
+    dst: OrigDstAddr,
+    started: Instant,
+    opened: Result<Upstream, Error>,
+) {
+    let mut rec = ConnectionRecord {
+        direction: Direction::OutboundPassthrough,
+        src: peer.0,
+        dst: dst.0,
+        local_identity: Some(source.identity().clone()),
+        peer_identity: None,
+        sent: 0,
+        received: 0,
+        duration: Default::default(),
+        error: None,
+    };
+    match opened {
+        Ok(upstream) => {
+            rec.direction = upstream.direction();
+            rec.peer_identity = upstream.peer();
+            match upstream.copy(client).await {
+                Ok(t) => (rec.sent, rec.received) = (t.a_to_b, t.b_to_a),
+                Err(e) => rec.error = Some(e.to_string()),
+            }
+        }
+        Err(e) => {
+            // The client must see a failure, not an orderly close.
+            copy::reset(client);
+            if matches!(
+                e,
+                Error::Status { .. } | Error::Tls { .. } | Error::H2 { .. }
+            ) {
+                rec.direction = Direction::OutboundHbone;
+            }
+            rec.error = Some(e.to_string());
+        }
+    }
+    rec.duration = started.elapsed();
+    proxy.events.record(rec);
+}
+
+/// Resolves `dst` for `source` and connects: HBONE to a mesh workload that accepts it, plain
+/// TCP otherwise.
+pub async fn open(
+    proxy: &Proxy,
+    source: &Workload,
+    client: PeerAddr,
+    dst: OrigDstAddr,
+) -> Result<Upstream, Error> {
+    let dst = dst.0;
+    if proxy.is_own_port(dst.port()) {
+        return Err(Error::OwnPort(dst));
+    }
+    let (workload, port, service) = match proxy.state.resolve(&source.network, dst) {
+        Destination::Service {
+            service,
+            workload,
+            target_port,
+        } => (workload, target_port, Some(service)),
+        Destination::Workload { workload, port } => (workload, port, None),
+        Destination::NoHealthyEndpoint { service } => {
+            return Err(Error::NoHealthyEndpoint(service.hostname.clone()));
+        }
+        Destination::Unknown => return tcp(proxy, dst).await,
+    };
+    let ip = workload
+        .addresses
+        .iter()
+        .find(|a| a.is_ipv4() == dst.is_ipv4())
+        .or(workload.addresses.first())
+        .copied()
+        .ok_or_else(|| Error::NoAddress(workload.uid.clone()))?;
+    let target = SocketAddr::new(ip, port);
+    if proxy.is_own_port(port) {
+        return Err(Error::OwnPort(target));
+    }
+    match workload.tunnel_protocol {
+        xds::TunnelProtocol::Hbone => {
+            hbone(proxy, source, client, &workload, target, service.as_deref()).await
+        }
+        xds::TunnelProtocol::None => tcp(proxy, target).await,
+    }
+}
+
+async fn tcp(proxy: &Proxy, dst: SocketAddr) -> Result<Upstream, Error> {
+    proxy
+        .connect(None, dst)
+        .await
+        .map(Upstream::Tcp)
+        .map_err(|source| Error::Connect { addr: dst, source })
+}
+
+async fn hbone(
+    proxy: &Proxy,
+    source: &Workload,
+    client: PeerAddr,
+    workload: &Workload,
+    target: SocketAddr,
+    service: Option<&Service>,
+) -> Result<Upstream, Error> {
+    let src_id = source.identity().clone();
+    let mut expected = vec![workload.identity().clone()];
+    if let Some(svc) = service {
+        expected.extend(svc.subject_alt_names.iter().cloned());
+    }
+    let key = Key::new(
+        src_id.clone(),
+        expected,
+        SocketAddr::new(target.ip(), proxy.cfg.ports.hbone),
+    );
+    let src_ip = source
+        .addresses
+        .iter()
+        .find(|a| a.is_ipv4() == target.is_ipv4())
+        .copied();
+    let request = || {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(
+                headers::BAGGAGE,
+                headers::baggage(source, &proxy.cfg.cluster_id),
+            )
+            .header(
+                headers::FORWARDED,
+                headers::forwarded(client.0, service.map(|s| s.hostname.as_str())),
+            )
+            .header(headers::TRACEPARENT, headers::traceparent())
+            .body(())
+            .expect("CONNECT request with an IP authority is valid")
+    };
+    // A pooled connection may have been closed by the peer since it was last used: retry
+    // once on a fresh one.
+    for attempt in 0..2 {
+        let slot = proxy
+            .pool
+            .checkout(key.clone(), || connect(proxy, &key, src_ip))
+            .await?;
+        let sent = match slot.sender().ready().await {
+            Ok(mut sender) => sender.send_request(request(), false),
+            Err(e) => Err(e),
+        };
+        let (response, send) = match sent {
+            Ok(pair) => pair,
+            Err(e) if slot.reused && attempt == 0 => {
+                tracing::debug!(peer = %key.dst, error = %e, "stale pooled connection; retrying");
+                slot.conn().retire();
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::H2 {
+                    addr: key.dst,
+                    source,
+                });
+            }
+        };
+        let response = tokio::time::timeout(proxy.cfg.connect_timeout * 2, response)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "CONNECT",
+                addr: key.dst,
+            })?
+            .map_err(|source| Error::H2 {
+                addr: key.dst,
+                source,
+            })?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status {
+                addr: key.dst,
+                authority: target,
+                status: response.status(),
+            });
+        }
+        let peer = slot.conn().peer.clone();
+        return Ok(Upstream::Hbone {
+            send,
+            recv: response.into_body(),
+            peer,
+            _slot: slot,
+        });
+    }
+    unreachable!("the loop returns on its second attempt")
+}
+
+/// Opens a new HBONE connection for the pool: TCP, mutual TLS, HTTP/2.
+async fn connect(
+    proxy: &Proxy,
+    key: &Key,
+    src_ip: Option<std::net::IpAddr>,
+) -> Result<pool::Conn, Error> {
+    proxy
+        .certs
+        .get(&key.src)
+        .await
+        .map_err(|source| Error::Certificate {
+            identity: key.src.clone(),
+            source,
+        })?;
+    let config = proxy
+        .creds
+        .client_config(&key.src, &key.expected)
+        .map_err(|source| Error::TlsConfig {
+            identity: key.src.clone(),
+            source,
+        })?;
+    let addr = key.dst;
+    let tcp = proxy
+        .connect(src_ip, addr)
+        .await
+        .map_err(|source| Error::Connect { addr, source })?;
+    let handshake = async {
+        let tls = TlsConnector::from(config)
+            .connect(tls::server_name(), tcp)
+            .await
+            .map_err(|source| Error::Tls { addr, source })?;
+        let peer = tls::peer_identity(tls.get_ref().1);
+        pool::handshake(tls, &proxy.cfg.h2, peer)
+            .await
+            .map_err(|source| Error::H2 { addr, source })
+    };
+    tokio::time::timeout(proxy.cfg.handshake_timeout, handshake)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "HBONE handshake",
+            addr,
+        })?
+}

@@ -1,0 +1,265 @@
+//! The HBONE client pool: HTTP/2 connections to peer agents, shared by tunnelled streams.
+//!
+//! A connection is keyed by (source identity, expected destination identities, destination
+//! address), so a TLS session is never shared between source identities. Each connection
+//! carries at most `max_streams` streams; when all are full another is opened. Connections
+//! with no stream for `idle_timeout` are closed; each is kept alive (and checked) with PINGs.
+//! Opening happens under a per-key lock, so a burst of new streams to one peer waits for one
+//! handshake instead of opening one connection each.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use identity::Identity;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use crate::config::H2Config;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub src: Identity,
+    /// Sorted, without duplicates.
+    pub expected: Vec<Identity>,
+    pub dst: SocketAddr,
+}
+
+impl Key {
+    pub fn new(src: Identity, mut expected: Vec<Identity>, dst: SocketAddr) -> Self {
+        expected.sort();
+        expected.dedup();
+        Self { src, expected, dst }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_streams: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// An established HBONE connection.
+pub struct Conn {
+    send: h2::client::SendRequest<Bytes>,
+    /// The server identity TLS verified.
+    pub peer: Option<Identity>,
+    streams: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection unusable for new streams (it failed or was told to go away).
+    pub fn retire(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// A stream slot on a pooled connection; dropping it frees the slot.
+pub struct Checkout {
+    conn: Arc<Conn>,
+    /// Whether the connection existed before this checkout (a stale one may be retried).
+    pub reused: bool,
+}
+
+impl Checkout {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    pub fn sender(&self) -> h2::client::SendRequest<Bytes> {
+        self.conn.send.clone()
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.conn.idle_since.lock().expect("pool lock poisoned") = Instant::now();
+        }
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+
+struct Inner {
+    cfg: PoolConfig,
+    slots: Mutex<HashMap<Key, Slot>>,
+    opened: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    /// Creates the pool and starts its reaper, which stops when the pool is dropped.
+    pub fn new(cfg: PoolConfig) -> Self {
+        let inner = Arc::new(Inner {
+            cfg,
+            slots: Mutex::new(HashMap::new()),
+            opened: AtomicU64::new(0),
+        });
+        tokio::spawn(reap(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// A stream slot on a connection for `key`, opening one with `connect` when none has room.
+    pub async fn checkout<F, Fut, E>(&self, key: Key, connect: F) -> Result<Checkout, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Conn, E>>,
+    {
+        let slot = self
+            .inner
+            .slots
+            .lock()
+            .expect("pool lock poisoned")
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut conns = slot.lock().await;
+        conns.retain(|c| !c.is_closed());
+        let max = self.inner.cfg.max_streams;
+        for conn in conns.iter() {
+            let used = conn.streams.load(Ordering::Acquire);
+            if used < max
+                && conn
+                    .streams
+                    .compare_exchange(used, used + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Ok(Checkout {
+                    conn: conn.clone(),
+                    reused: true,
+                });
+            }
+        }
+        let conn = Arc::new(connect().await?);
+        conn.streams.store(1, Ordering::Release);
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        conns.push(conn.clone());
+        Ok(Checkout {
+            conn,
+            reused: false,
+        })
+    }
+
+    /// Open connections in the pool.
+    pub fn connections(&self) -> usize {
+        let slots: Vec<Slot> = self
+            .inner
+            .slots
+            .lock()
+            .expect("pool lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .iter()
+            .map(|s| {
+                s.try_lock()
+                    .map(|c| c.iter().filter(|c| !c.is_closed()).count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Connections opened since start.
+    pub fn opened(&self) -> u64 {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+}
+
+async fn reap(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => (i.cfg.idle_timeout / 2).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let timeout = inner.cfg.idle_timeout;
+        let mut slots = inner.slots.lock().expect("pool lock poisoned");
+        slots.retain(|_, slot| {
+            // A slot being used right now (locked) is kept as it is until the next round.
+            let Ok(mut conns) = slot.try_lock() else {
+                return true;
+            };
+            conns.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && c.idle_since.lock().expect("pool lock poisoned").elapsed() >= timeout;
+                if idle {
+                    c.retire();
+                }
+                !c.is_closed()
+            });
+            !conns.is_empty()
+        });
+    }
+}
+
+/// The HTTP/2 client handshake over an established TLS stream, with HBONE's settings; spawns
+/// the connection driver and its PING keepalive.
+pub async fn handshake<T>(
+    io: T,
+    h2cfg: &H2Config,
+    peer: Option<Identity>,
+) -> Result<Conn, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(h2cfg.stream_window)
+        .initial_connection_window_size(h2cfg.connection_window)
+        .max_frame_size(h2cfg.max_frame_size)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(h2cfg.stream_window as usize)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let pings = conn.ping_pong();
+    let driver_closed = closed.clone();
+    let (interval, timeout) = (h2cfg.ping_interval, h2cfg.ping_timeout);
+    tokio::spawn(async move {
+        let keepalive = async move {
+            match pings {
+                Some(p) => super::keepalive(p, interval, timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = conn => if let Err(e) = res {
+                tracing::debug!(error = %e, "HBONE client connection ended");
+            },
+            () = keepalive => tracing::warn!("HBONE peer did not answer PING; connection closed"),
+        }
+        driver_closed.store(true, Ordering::Release);
+    });
+    Ok(Conn {
+        send,
+        peer,
+        streams: AtomicUsize::new(0),
+        idle_since: Mutex::new(Instant::now()),
+        closed,
+    })
+}

@@ -1,0 +1,223 @@
+//! The `ambientd` binary as an operator uses it: bad input stops it with a message naming the
+//! problem; `ca init` / `ca issue`; `demo`; `run` stopping on SIGTERM.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ambientd");
+
+fn ambientd(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("ambientd runs")
+}
+
+#[test]
+fn run_exits_with_the_mesh_file_error_instead_of_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "workloads:\n  - name: a\n    namespace: demo\n    addresses: [127.0.0.300]\n    node: n1\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = ambientd(&[
+        "run",
+        "--mesh",
+        mesh.to_str().unwrap(),
+        "--node",
+        "n1",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("workloads[0].addresses[0]"), "{stderr}");
+    assert!(stderr.contains("127.0.0.300"), "{stderr}");
+    assert!(stderr.contains("mesh.yaml"), "names the file: {stderr}");
+}
+
+#[test]
+fn run_names_a_missing_mesh_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.yaml");
+    let out = ambientd(&["run", "--mesh", missing.to_str().unwrap(), "--node", "n1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope.yaml"), "{stderr}");
+}
+
+#[test]
+fn ca_init_then_issue_writes_a_certificate_to_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let out = ambientd(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(ca.join("root-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second init must not replace the root.
+    let again = ambientd(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(!again.status.success());
+
+    let issued = dir.path().join("issued");
+    let out = ambientd(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--identity",
+        "spiffe://cluster.local/ns/demo/sa/echo",
+        "--out",
+        issued.to_str().unwrap(),
+        "--ttl",
+        "1h",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("spiffe://cluster.local/ns/demo/sa/echo"),
+        "{stdout}"
+    );
+    let key_mode = std::fs::metadata(issued.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let chain = std::fs::read_to_string(issued.join("cert-chain.pem")).unwrap();
+    assert!(chain.starts_with("-----BEGIN CERTIFICATE-----"));
+    let root = std::fs::read_to_string(issued.join("root-cert.pem")).unwrap();
+    assert_eq!(
+        root,
+        std::fs::read_to_string(ca.join("root-cert.pem"))
+            .unwrap()
+            .trim_end()
+            .to_owned()
+            + "\n"
+    );
+
+    let bad = ambientd(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--identity",
+        "spiffe://cluster.local/ns/demo",
+        "--out",
+        issued.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must have the form"));
+}
+
+#[test]
+fn demo_sends_traffic_through_the_mesh_and_reports_both_identities() {
+    let out = Command::new(BIN)
+        .arg("demo")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("ambientd demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("verified server   spiffe://cluster.local/ns/demo/sa/echo"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("verified client   spiffe://cluster.local/ns/demo/sa/client"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("intact"), "{stdout}");
+    assert!(stdout.contains("cleaned up"), "{stdout}");
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // a plain test thread polling a child process
+fn run_serves_until_sigterm_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    // A subnet of its own, away from the demo's and the in-process tests' addresses.
+    std::fs::write(
+        &mesh,
+        "workloads:\n  - name: a\n    namespace: demo\n    addresses: [127.0.77.2]\n    node: n1\n    tunnelProtocol: HBONE\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--mesh",
+            mesh.to_str().unwrap(),
+            "--node",
+            "n1",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--drain-deadline",
+            "2s",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it serves HBONE on the workload's address.
+    let started = Instant::now();
+    while std::net::TcpStream::connect("127.0.77.2:15008").is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "agent did not start listening"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("agent exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("agent did not stop after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("SIGTERM received"), "{stderr}");
+    assert!(
+        state.join("root-cert.pem").exists(),
+        "root created on first run"
+    );
+}
