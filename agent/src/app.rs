@@ -93,6 +93,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     });
     let (trigger, watch) = drain::channel();
     let mut tasks = JoinSet::new();
+    tasks.spawn(proxy.pool.reaper());
     let mut listeners = Vec::new();
     let ports = proxy.cfg.ports;
     for w in local {
@@ -191,21 +192,24 @@ impl Agent {
 /// Runs the agent until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let deadline = cfg.drain_deadline;
+    // Handlers first: a SIGTERM that arrives while starting up still drains.
+    let signal = shutdown_signal()?;
     let agent = start(cfg).await?;
-    shutdown_signal().await?;
+    signal.await;
     tracing::info!(deadline = ?deadline, "draining: no new connections; open ones may finish");
     let outcome = agent.shutdown(deadline).await;
     tracing::info!(?outcome, "stopped");
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

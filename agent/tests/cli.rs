@@ -162,6 +162,9 @@ fn run_serves_until_sigterm_then_exits_cleanly() {
     )
     .unwrap();
     let state = dir.path().join("state");
+    // A file, not a pipe: nobody reads a pipe while the agent runs, and a full one would
+    // block its logging.
+    let log = dir.path().join("agent.log");
     let mut child = Command::new(BIN)
         .args([
             "run",
@@ -175,18 +178,17 @@ fn run_serves_until_sigterm_then_exits_cleanly() {
             "2s",
         ])
         .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     // Wait until it serves HBONE on the workload's address.
     let started = Instant::now();
     while std::net::TcpStream::connect("127.0.77.2:15008").is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "agent did not start listening"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("agent exited early: {status}");
+        if started.elapsed() > Duration::from_secs(20) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("agent did not start listening:\n{}", logs());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -202,18 +204,12 @@ fn run_serves_until_sigterm_then_exits_cleanly() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("agent did not stop after SIGTERM");
+            let _ = child.wait();
+            panic!("agent did not stop after SIGTERM:\n{}", logs());
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut stderr = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = logs();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("SIGTERM received"), "{stderr}");
     assert!(

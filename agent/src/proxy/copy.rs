@@ -98,11 +98,15 @@ fn half_close(sock: &TcpStream) {
     let _ = SockRef::from(sock).shutdown(Shutdown::Write);
 }
 
+/// Socket → socket; EOF → half-close of `to`.
 async fn tcp_to_tcp(from: &TcpStream, to: &TcpStream, count: &mut u64) -> End {
     let mut buf = Buf::new();
     loop {
         match buf.read_from(from).await {
-            Ok(0) => return End::Eof,
+            Ok(0) => {
+                half_close(to);
+                return End::Eof;
+            }
             Ok(n) => {
                 *count += n as u64;
                 let res = write_all(to, &buf.buf[..n]).await;
@@ -138,21 +142,12 @@ async fn join_directions(
     Ok(())
 }
 
-/// Like [`tcp_to_tcp`] but half-closes `to` at EOF.
-async fn tcp_to_tcp_closing(from: &TcpStream, to: &TcpStream, count: &mut u64) -> End {
-    let end = tcp_to_tcp(from, to, count).await;
-    if let End::Eof = end {
-        half_close(to);
-    }
-    end
-}
-
 /// Copies between two sockets (passthrough and plaintext inbound).
 pub async fn tcp(a: &TcpStream, b: &TcpStream) -> io::Result<Transferred> {
     let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
     let result = join_directions(
-        tcp_to_tcp_closing(a, b, &mut a_to_b),
-        tcp_to_tcp_closing(b, a, &mut b_to_a),
+        tcp_to_tcp(a, b, &mut a_to_b),
+        tcp_to_tcp(b, a, &mut b_to_a),
         || {
             reset(a);
             reset(b);

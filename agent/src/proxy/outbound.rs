@@ -60,6 +60,22 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether the connection failed on its way into an HBONE tunnel (rather than before a
+    /// destination was chosen, or on a plain TCP connect).
+    fn tunnelled(&self) -> bool {
+        matches!(
+            self,
+            Error::Certificate { .. }
+                | Error::TlsConfig { .. }
+                | Error::Tls { .. }
+                | Error::H2 { .. }
+                | Error::Status { .. }
+                | Error::Timeout { .. }
+        )
+    }
+}
+
 /// Where the client's bytes go once connected.
 pub enum Upstream {
     Hbone {
@@ -145,10 +161,7 @@ pub async fn finish(
         Err(e) => {
             // The client must see a failure, not an orderly close.
             copy::reset(client);
-            if matches!(
-                e,
-                Error::Status { .. } | Error::Tls { .. } | Error::H2 { .. }
-            ) {
+            if e.tunnelled() {
                 rec.direction = Direction::OutboundHbone;
             }
             rec.error = Some(e.to_string());

@@ -111,15 +111,18 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Creates the pool and starts its reaper, which stops when the pool is dropped.
     pub fn new(cfg: PoolConfig) -> Self {
         let inner = Arc::new(Inner {
             cfg,
             slots: Mutex::new(HashMap::new()),
             opened: AtomicU64::new(0),
         });
-        tokio::spawn(reap(Arc::downgrade(&inner)));
         Self { inner }
+    }
+
+    /// Closes connections idle for `idle_timeout`; runs until the pool is dropped.
+    pub fn reaper(&self) -> impl Future<Output = ()> + Send + 'static {
+        reap(Arc::downgrade(&self.inner))
     }
 
     /// A stream slot on a connection for `key`, opening one with `connect` when none has room.
@@ -163,7 +166,8 @@ impl Pool {
         })
     }
 
-    /// Open connections in the pool.
+    /// Open connections in the pool (a key whose slot is being checked out at this instant is
+    /// not counted).
     pub fn connections(&self) -> usize {
         let slots: Vec<Slot> = self
             .inner
