@@ -27,7 +27,6 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tracing::debug;
-use x509_parser::extensions::GeneralName;
 
 #[cfg(test)]
 mod tests;
@@ -387,22 +386,7 @@ fn verify_own_chain(
 
 /// The URI SANs of a certificate, in order, SPIFFE or not (for error messages).
 fn uri_sans(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|err| err.to_string())?;
-    let Some(san) = cert
-        .subject_alternative_name()
-        .map_err(|err| err.to_string())?
-    else {
-        return Ok(Vec::new());
-    };
-    Ok(san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some((*uri).to_owned()),
-            _ => None,
-        })
-        .collect())
+    ca_client::x509::uri_sans(der).map_err(|err| err.to_string())
 }
 
 /// Outbound: the server's chain must reach the source identity's roots (no host name check),

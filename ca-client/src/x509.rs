@@ -46,6 +46,14 @@ pub enum Usage {
 
 /// The URI SANs of `cert` that are SPIFFE ids in Istio's form; other SANs are ignored.
 pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Error> {
+    Ok(uri_sans(cert)?
+        .iter()
+        .filter_map(|uri| uri.parse().ok())
+        .collect())
+}
+
+/// Every URI SAN of `cert`, in order, SPIFFE or not (error messages show what a peer sent).
+pub fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
     let cert = parse(cert)?;
     let Some(san) = cert
         .subject_alternative_name()
@@ -58,7 +66,7 @@ pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, Error> {
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::URI(uri) => uri.parse().ok(),
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
             _ => None,
         })
         .collect())
