@@ -28,7 +28,7 @@ pub struct Net {
 }
 
 impl Net {
-    fn random() -> Self {
+    pub fn random() -> Self {
         // 127.0.0.0/16 is left to the demo and other programs.
         Net {
             x: rand::random_range(1..=254),
@@ -148,11 +148,19 @@ impl TwoNodes {
     }
 
     pub async fn start_with(setup: impl Fn(&Net) -> Setup) -> anyhow::Result<Self> {
+        Self::start_tuned(setup, |_| {}).await
+    }
+
+    /// Like [`TwoNodes::start_with`], with `tune` applied to both agents' configurations.
+    pub async fn start_tuned(
+        setup: impl Fn(&Net) -> Setup,
+        tune: impl Fn(&mut Config),
+    ) -> anyhow::Result<Self> {
         let mut last = None;
         // A random subnet can collide with a concurrently running test: try another.
         for _ in 0..5 {
             let net = Net::random();
-            match Self::try_start(net, setup(&net)).await {
+            match Self::try_start(net, setup(&net), &tune).await {
                 Ok(nodes) => return Ok(nodes),
                 Err(e) => last = Some(e),
             }
@@ -160,7 +168,7 @@ impl TwoNodes {
         Err(last.expect("at least one attempt"))
     }
 
-    async fn try_start(net: Net, setup: Setup) -> anyhow::Result<Self> {
+    async fn try_start(net: Net, setup: Setup, tune: &dyn Fn(&mut Config)) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ambientd-test-")
             .tempdir()?;
@@ -175,8 +183,14 @@ impl TwoNodes {
         let mesh_b = dir.path().join("mesh-b.yaml");
         std::fs::write(&mesh_a, setup.mesh_a)?;
         std::fs::write(&mesh_b, setup.mesh_b)?;
-        let a = app::start(config(&mesh_a, &ca_a, "node-a")).await?;
-        let b = app::start(config(&mesh_b, &ca_b, "node-b")).await?;
+        let (mut cfg_a, mut cfg_b) = (
+            config(&mesh_a, &ca_a, "node-a"),
+            config(&mesh_b, &ca_b, "node-b"),
+        );
+        tune(&mut cfg_a);
+        tune(&mut cfg_b);
+        let a = app::start(cfg_a).await?;
+        let b = app::start(cfg_b).await?;
         Ok(TwoNodes { net, a, b, dir })
     }
 

@@ -284,3 +284,36 @@ async fn drain_closes_what_is_still_open_at_the_deadline() {
     );
     b.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_released() {
+    tests::init_logging();
+    let nodes = TwoNodes::start_tuned(
+        |net| tests::Setup {
+            mesh_a: tests::mesh_yaml(net),
+            mesh_b: tests::mesh_yaml(net),
+            separate_roots: false,
+        },
+        |cfg| cfg.proxy.pool.idle_timeout = Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    let _echo = Echo::start(echo_app(&nodes)).await.unwrap();
+    let stream = nodes.connect(nodes.net.vip()).await.unwrap();
+    let back = send_and_receive(stream, b"ping").await.unwrap();
+    assert_eq!(back, b"ping");
+    assert_eq!(nodes.a.pool().opened(), 1);
+    // Nothing uses the connection any more: the reaper closes it.
+    let released = tokio::time::timeout(TIMEOUT, async {
+        while nodes.a.pool().connections() != 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(released.is_ok(), "idle HBONE connection was never released");
+    // The next connection opens a fresh one and works.
+    let stream = nodes.connect(nodes.net.vip()).await.unwrap();
+    assert_eq!(send_and_receive(stream, b"again").await.unwrap(), b"again");
+    assert_eq!(nodes.a.pool().opened(), 2);
+    nodes.stop().await;
+}
