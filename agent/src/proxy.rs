@@ -9,6 +9,7 @@
 //! Each server is a function of its listener and a drain [`Watch`](crate::drain::Watch).
 
 pub mod copy;
+pub mod delivery;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
@@ -25,6 +26,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::ProxyConfig;
 use crate::events::Events;
+use crate::netns::Net;
 use crate::tls::Credentials;
 
 /// The destination the client asked for, before capture redirected it (`SO_ORIGINAL_DST`), or
@@ -54,16 +56,27 @@ impl Proxy {
         port == p.outbound || port == p.inbound_plaintext || port == p.hbone
     }
 
-    /// Connects to `dst` with the configured timeout, from `src` when given.
-    pub async fn connect(&self, src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if dst.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+    /// Connects to `dst` from a socket in `net` with the configured timeout, from `src` when
+    /// given.
+    pub async fn connect(
+        &self,
+        net: &Net,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
+        let socket = net.tcp_socket(dst.ip())?;
         if let Some(ip) = src {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
+        self.connect_socket(socket, dst).await
+    }
+
+    /// Connects a prepared socket to `dst` with the configured timeout.
+    pub async fn connect_socket(
+        &self,
+        socket: TcpSocket,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
         let stream = tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dst))
             .await
             .map_err(|_| {

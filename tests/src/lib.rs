@@ -114,6 +114,7 @@ pub fn config(mesh: &Path, ca_dir: &Path, node: &str) -> Config {
             connect_timeout: Duration::from_secs(2),
             ..ProxyConfig::default()
         },
+        capture: Default::default(),
         drain_deadline: Duration::from_secs(2),
     }
 }
