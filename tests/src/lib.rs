@@ -5,6 +5,8 @@
 //! processes) never fight over the agents' fixed ports; everything lives in a temporary
 //! directory and stops when the fixture drops.
 
+pub mod netns;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

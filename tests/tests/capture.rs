@@ -1,0 +1,163 @@
+//! Root only: transparent capture end to end on simulated nodes (network namespaces), with a
+//! real `ambientd` process per node, for both backends × both inbound modes. Without root it
+//! is skipped, unless `CI` is set, where it fails.
+//!
+//! One topology per combination, shared by the steps of its test: node 1 runs pods a1 and a2,
+//! node 2 runs pod b1, and a host outside the mesh (198.18.0.200) has no agent. Every pod and
+//! the outside host run an echo application on port 8080 that records who connected.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use agent::demo::topology::{OUTSIDE_IP, leftovers};
+use anyhow::{Context, ensure};
+use serde_json::Value;
+use tests::netns::{App, Cluster, capture_state, echo, expect_failure, root_or_skip};
+
+fn addr(ip: impl Into<IpAddr>) -> SocketAddr {
+    SocketAddr::new(ip.into(), tests::netns::APP_PORT)
+}
+
+fn records_of<'a>(records: &'a [Value], direction: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["direction"] == direction)
+        .collect()
+}
+
+fn src_ip(record: &Value) -> Option<IpAddr> {
+    record["src"].as_str()?.parse::<SocketAddr>().ok().map(|a| a.ip())
+}
+
+async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&[&["a1", "a2"], &["b1"]], backend, inbound).await?;
+    let topo = &cluster.topology;
+    let (a1, a2, b1) = (topo.node(1).pod("a1"), topo.node(1).pod("a2"), topo.node(2).pod("b1"));
+    let (a1_ip, a2_ip, b1_ip) = (a1.ip, a2.ip, b1.ip);
+    let a2_ns_name = a2.ns.name().to_owned();
+    let outside = cluster.outside();
+    let b1_app = App::start(&b1.ns)?;
+    let a2_app = App::start(&a2.ns)?;
+    let out_app = App::start(outside)?;
+
+    // A1 (node 1) → B1 (node 2): captured, tunnelled, delivered from A1's own address.
+    echo(&a1.ns, addr(b1_ip)).await.context("a1 → b1")?;
+    ensure!(b1_app.peers() == vec![IpAddr::from(a1_ip)], "b1 saw {:?}", b1_app.peers());
+    let a1_id = "spiffe://cluster.local/ns/demo/sa/a1";
+    let node2 = cluster.agent(2);
+    let inbound_hbone = node2.records();
+    let inbound_hbone = records_of(&inbound_hbone, "InboundHbone");
+    ensure!(
+        inbound_hbone.len() == 1
+            && inbound_hbone[0]["peer_identity"] == a1_id
+            && src_ip(inbound_hbone[0]) == Some(a1_ip.into()),
+        "node 2 should log one HBONE connection from {a1_id} at {a1_ip}: {inbound_hbone:?}"
+    );
+
+    // Two pods on one node: A1 → A2 goes through node 1's agent on both ends.
+    echo(&a1.ns, addr(a2_ip)).await.context("a1 → a2")?;
+    ensure!(a2_app.peers() == vec![IpAddr::from(a1_ip)], "a2 saw {:?}", a2_app.peers());
+
+    // Outside the mesh: passthrough from A1's namespace, A1's address.
+    echo(&a1.ns, addr(OUTSIDE_IP)).await.context("a1 → outside")?;
+    ensure!(out_app.peers() == vec![IpAddr::from(a1_ip)], "outside saw {:?}", out_app.peers());
+
+    // A client outside the mesh reaches B1 through inbound plaintext capture.
+    echo(outside, addr(b1_ip)).await.context("outside → b1")?;
+    ensure!(
+        b1_app.peers().last() == Some(&IpAddr::from(OUTSIDE_IP)),
+        "b1 saw {:?}",
+        b1_app.peers()
+    );
+
+    // Records are written when connections end, just after the echo completes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let node1 = cluster.agent(1).records();
+    let node2 = cluster.agent(2).records();
+    ensure!(
+        records_of(&node2, "InboundPlaintext")
+            .iter()
+            .any(|r| src_ip(r) == Some(OUTSIDE_IP.into())),
+        "node 2 has no plaintext record from outside: {node2:?}"
+    );
+    ensure!(
+        records_of(&node1, "OutboundPassthrough").len() == 1,
+        "node 1 should have passed one connection through: {node1:?}"
+    );
+    // No loop: exactly the two tunnels the clients opened, nothing re-captured, no failure.
+    ensure!(
+        records_of(&node1, "OutboundHbone").len() == 2,
+        "node 1 outbound tunnels: {node1:?}"
+    );
+    for r in node1.iter().chain(&node2) {
+        ensure!(r["error"].is_null(), "a connection failed: {r}");
+        let dst: SocketAddr = r["dst"].as_str().unwrap_or_default().parse()?;
+        ensure!(
+            ![15001, 15006, 15008].contains(&dst.port()),
+            "agent traffic was re-captured: {r}"
+        );
+    }
+
+    // Un-enroll A2: its rules and routes are gone, new connections go direct.
+    cluster.unenroll(1, "a2").await?;
+    let a2 = cluster.topology.node(1).pod("a2");
+    let left = capture_state(&a2.ns)?;
+    ensure!(left.is_empty(), "{a2_ns_name} still has: {left:#?}");
+    let plaintext_before = records_of(&cluster.agent(1).records(), "InboundPlaintext").len();
+    echo(cluster.outside(), addr(a2_ip)).await.context("outside → un-enrolled a2")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let node1 = cluster.agent(1).records();
+    ensure!(
+        records_of(&node1, "InboundPlaintext").len() == plaintext_before
+            && a2_app.peers().last() == Some(&IpAddr::from(OUTSIDE_IP)),
+        "connection to un-enrolled a2 went through the agent: {node1:?}"
+    );
+
+    // Stopping node 2's agent: B1's rules stay, its traffic fails instead of bypassing.
+    cluster.stop_agent(2).await?;
+    let b1 = cluster.topology.node(2).pod("b1");
+    ensure!(!capture_state(&b1.ns)?.is_empty(), "b1's rules were removed on SIGTERM");
+    let seen = b1_app.peers().len();
+    let how = expect_failure(&cluster.topology.node(1).pod("a1").ns, addr(b1_ip)).await?;
+    eprintln!("a1 → b1 with node 2's agent stopped: {how}");
+    let how = expect_failure(cluster.outside(), addr(b1_ip)).await?;
+    eprintln!("outside → b1 with node 2's agent stopped: {how}");
+    ensure!(
+        b1_app.peers().len() == seen,
+        "b1's application was reached without its agent: {:?}",
+        b1_app.peers()
+    );
+    drop((b1_app, a2_app, out_app));
+    drop(cluster);
+    let left = leftovers()?;
+    ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_redirect_captures_tunnels_and_fails_closed() {
+    if root_or_skip("iptables_redirect_captures_tunnels_and_fails_closed") {
+        scenario("iptables", "redirect").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_tproxy_captures_tunnels_and_fails_closed() {
+    if root_or_skip("iptables_tproxy_captures_tunnels_and_fails_closed") {
+        scenario("iptables", "tproxy").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_redirect_captures_tunnels_and_fails_closed() {
+    if root_or_skip("nftables_redirect_captures_tunnels_and_fails_closed") {
+        scenario("nftables", "redirect").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_tproxy_captures_tunnels_and_fails_closed() {
+    if root_or_skip("nftables_tproxy_captures_tunnels_and_fails_closed") {
+        scenario("nftables", "tproxy").await.unwrap();
+    }
+}
