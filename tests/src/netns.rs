@@ -302,7 +302,10 @@ impl Cluster {
     }
 
     pub fn outside(&self) -> &Namespace {
-        self.topology.outside.as_ref().expect("built with a host outside")
+        self.topology
+            .outside
+            .as_ref()
+            .expect("built with a host outside")
     }
 }
 
@@ -356,9 +359,12 @@ pub async fn echo(ns: &Namespace, dst: SocketAddr) -> anyhow::Result<()> {
         .connect(dst, CONNECT_TIMEOUT)
         .await
         .with_context(|| format!("connecting from {} to {dst}", ns.name()))?;
-    let back = tokio::time::timeout(Duration::from_secs(10), crate::send_and_receive(stream, &data))
-        .await
-        .with_context(|| format!("echo from {dst} timed out"))??;
+    let back = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::send_and_receive(stream, &data),
+    )
+    .await
+    .with_context(|| format!("echo from {dst} timed out"))??;
     ensure!(
         back == data,
         "{dst} echoed {} bytes, not the {} sent",

@@ -26,13 +26,21 @@ fn records_of<'a>(records: &'a [Value], direction: &str) -> Vec<&'a Value> {
 }
 
 fn src_ip(record: &Value) -> Option<IpAddr> {
-    record["src"].as_str()?.parse::<SocketAddr>().ok().map(|a| a.ip())
+    record["src"]
+        .as_str()?
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
 }
 
 async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&[&["a1", "a2"], &["b1"]], backend, inbound).await?;
     let topo = &cluster.topology;
-    let (a1, a2, b1) = (topo.node(1).pod("a1"), topo.node(1).pod("a2"), topo.node(2).pod("b1"));
+    let (a1, a2, b1) = (
+        topo.node(1).pod("a1"),
+        topo.node(1).pod("a2"),
+        topo.node(2).pod("b1"),
+    );
     let (a1_ip, a2_ip, b1_ip) = (a1.ip, a2.ip, b1.ip);
     let a2_ns_name = a2.ns.name().to_owned();
     let outside = cluster.outside();
@@ -42,7 +50,11 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
 
     // A1 (node 1) → B1 (node 2): captured, tunnelled, delivered from A1's own address.
     echo(&a1.ns, addr(b1_ip)).await.context("a1 → b1")?;
-    ensure!(b1_app.peers() == vec![IpAddr::from(a1_ip)], "b1 saw {:?}", b1_app.peers());
+    ensure!(
+        b1_app.peers() == vec![IpAddr::from(a1_ip)],
+        "b1 saw {:?}",
+        b1_app.peers()
+    );
     let a1_id = "spiffe://cluster.local/ns/demo/sa/a1";
     let node2 = cluster.agent(2);
     let inbound_hbone = node2.records();
@@ -56,11 +68,21 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
 
     // Two pods on one node: A1 → A2 goes through node 1's agent on both ends.
     echo(&a1.ns, addr(a2_ip)).await.context("a1 → a2")?;
-    ensure!(a2_app.peers() == vec![IpAddr::from(a1_ip)], "a2 saw {:?}", a2_app.peers());
+    ensure!(
+        a2_app.peers() == vec![IpAddr::from(a1_ip)],
+        "a2 saw {:?}",
+        a2_app.peers()
+    );
 
     // Outside the mesh: passthrough from A1's namespace, A1's address.
-    echo(&a1.ns, addr(OUTSIDE_IP)).await.context("a1 → outside")?;
-    ensure!(out_app.peers() == vec![IpAddr::from(a1_ip)], "outside saw {:?}", out_app.peers());
+    echo(&a1.ns, addr(OUTSIDE_IP))
+        .await
+        .context("a1 → outside")?;
+    ensure!(
+        out_app.peers() == vec![IpAddr::from(a1_ip)],
+        "outside saw {:?}",
+        out_app.peers()
+    );
 
     // A client outside the mesh reaches B1 through inbound plaintext capture.
     echo(outside, addr(b1_ip)).await.context("outside → b1")?;
@@ -104,7 +126,9 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
     let left = capture_state(&a2.ns)?;
     ensure!(left.is_empty(), "{a2_ns_name} still has: {left:#?}");
     let plaintext_before = records_of(&cluster.agent(1).records(), "InboundPlaintext").len();
-    echo(cluster.outside(), addr(a2_ip)).await.context("outside → un-enrolled a2")?;
+    echo(cluster.outside(), addr(a2_ip))
+        .await
+        .context("outside → un-enrolled a2")?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let node1 = cluster.agent(1).records();
     ensure!(
@@ -116,7 +140,10 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
     // Stopping node 2's agent: B1's rules stay, its traffic fails instead of bypassing.
     cluster.stop_agent(2).await?;
     let b1 = cluster.topology.node(2).pod("b1");
-    ensure!(!capture_state(&b1.ns)?.is_empty(), "b1's rules were removed on SIGTERM");
+    ensure!(
+        !capture_state(&b1.ns)?.is_empty(),
+        "b1's rules were removed on SIGTERM"
+    );
     let seen = b1_app.peers().len();
     let how = expect_failure(&cluster.topology.node(1).pod("a1").ns, addr(b1_ip)).await?;
     eprintln!("a1 → b1 with node 2's agent stopped: {how}");
