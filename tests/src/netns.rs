@@ -7,7 +7,7 @@
 //! The `ambientd` binary is the one cargo built next to the test binary (`target/<profile>/`),
 //! or `AMBIENTD_BIN`; `cargo nextest run --workspace` builds it.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -262,10 +262,11 @@ impl Cluster {
                 };
                 yaml.push_str(&format!(
                     "  - name: {name}\n    namespace: demo\n    serviceAccount: {name}\n    \
-                     addresses: [{ip}]\n    node: {on}\n    tunnelProtocol: HBONE\n    \
+                     addresses: [{ip}, {ip6}]\n    node: {on}\n    tunnelProtocol: HBONE\n    \
                      netns: {netns}\n",
                     name = pod.name,
                     ip = pod.ip,
+                    ip6 = pod.ip6,
                     netns = pod.ns.path().display(),
                 ));
             }
@@ -317,7 +318,8 @@ pub struct App {
 
 impl App {
     pub fn start(ns: &Namespace) -> anyhow::Result<App> {
-        let listener = ns.listen(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), APP_PORT))?;
+        // Dual-stack: IPv4 peers show as mapped addresses, canonicalized in `peers`.
+        let listener = ns.listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), APP_PORT))?;
         let peers = Arc::new(Mutex::new(Vec::new()));
         let seen = peers.clone();
         let task = tokio::spawn(async move {
@@ -340,7 +342,7 @@ impl App {
             .lock()
             .expect("peers lock")
             .iter()
-            .map(|p| p.ip())
+            .map(|p| p.ip().to_canonical())
             .collect()
     }
 }

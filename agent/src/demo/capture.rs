@@ -25,19 +25,21 @@ fn mesh(topology: &Topology) -> String {
   - name: client
     namespace: demo
     serviceAccount: client
-    addresses: [{client_ip}]
+    addresses: [{client_ip}, {client_ip6}]
     node: node-1
     tunnelProtocol: HBONE
     netns: {client_ns}
   - name: echo
     namespace: demo
     serviceAccount: echo
-    addresses: [{echo_ip}]
+    addresses: [{echo_ip}, {echo_ip6}]
     node: node-2
     tunnelProtocol: HBONE
     netns: {echo_ns}
 "#,
         client_ip = client.ip,
+        client_ip6 = client.ip6,
+        echo_ip6 = echo.ip6,
         client_ns = client.ns.path().display(),
         echo_ip = echo.ip,
         echo_ns = echo.ns.path().display(),
@@ -60,11 +62,12 @@ pub async fn run() -> anyhow::Result<()> {
     for node in &topology.nodes {
         for pod in &node.pods {
             println!(
-                "  {} ({}) : pod {} {} in netns {}",
+                "  {} ({}) : pod {} {} {} in netns {}",
                 node.name,
                 node.ip,
                 pod.name,
                 pod.ip,
+                pod.ip6,
                 pod.ns.name()
             );
         }

@@ -1,15 +1,17 @@
 //! Simulated nodes and pods as network namespaces (root and iproute2), for the root demo and
 //! the netns end-to-end tests.
 //!
-//! Addresses come only from 198.18.0.0/15: node N is 198.18.0.N on a shared bridge (in a
-//! `fabric` namespace), pod M of node N is 198.19.N.M/32 behind a veth into its node, which
-//! routes between its pods and the other nodes. An optional host outside the mesh sits on the
-//! bridge as 198.18.0.200. No namespace has a route that leaves the machine. Namespace names
+//! Addresses come only from 198.18.0.0/15 and 2001:2::/48: node N is 198.18.0.N and
+//! 2001:2::N on a shared bridge (in a `fabric` namespace), pod M of node N is 198.19.N.M/32 and
+//! 2001:2:0:N::M/128 behind a veth into its node, which routes between its pods and the other
+//! nodes. An optional host outside the mesh sits on the bridge as 198.18.0.200 and 2001:2::200.
+//! No namespace has a route that leaves the machine. Duplicate address detection is off, so
+//! IPv6 addresses are usable at once. Namespace names
 //! carry `amb-<pid>-<n>-`; every namespace is deleted when its guard drops, also while a
 //! failing test unwinds.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +24,20 @@ pub const PREFIX: &str = "amb-";
 
 /// The host outside the mesh.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+pub const OUTSIDE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x200);
+
+/// Node `n`'s address on the bridge.
+pub fn node_ip6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, u16::from(n))
+}
+
+/// The IPv6 prefix of node `n`'s pods.
+fn pod_prefix6(n: u8) -> String {
+    format!("2001:2:0:{n:x}::/64")
+}
+
+/// Node-side link-local address of every pod veth: the pods' IPv6 next hop.
+const GATEWAY6: &str = "fe80::1";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -80,6 +96,12 @@ impl Namespace {
         ip(&["netns", "add", &name])?;
         let ns = Namespace { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        for key in [
+            "net.ipv6.conf.all.accept_dad",
+            "net.ipv6.conf.default.accept_dad",
+        ] {
+            ns.sysctl(key, "0")?;
+        }
         Ok(ns)
     }
 
@@ -168,6 +190,7 @@ impl Drop for Namespace {
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub ns: Namespace,
 }
 
@@ -177,6 +200,7 @@ pub struct Node {
     /// `node-N`.
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     // Pods before the node namespace, so they are deleted first.
     pub pods: Vec<Pod>,
     pub ns: Namespace,
@@ -219,14 +243,23 @@ impl Topology {
         }
         if outside {
             let ns = Namespace::create("out")?;
-            topology.plug(&ns, "out0", OUTSIDE_IP)?;
+            topology.plug(&ns, "out0", OUTSIDE_IP, OUTSIDE_IP6)?;
             for k in 1..=count {
+                let k = u8::try_from(k).expect("at most 199 nodes");
                 ns.ip(&[
                     "route",
                     "add",
                     &format!("198.19.{k}.0/24"),
                     "via",
                     &format!("198.18.0.{k}"),
+                ])?;
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &pod_prefix6(k),
+                    "via",
+                    &node_ip6(k).to_string(),
                 ])?;
             }
             topology.outside = Some(ns);
@@ -238,8 +271,14 @@ impl Topology {
         &self.nodes[n - 1]
     }
 
-    /// Connects `ns` to the bridge as `ip`/24 on its `eth0`.
-    fn plug(&self, ns: &Namespace, port: &str, ip: Ipv4Addr) -> Result<(), TopologyError> {
+    /// Connects `ns` to the bridge as `ip`/24 and `ip6`/64 on its `eth0`.
+    fn plug(
+        &self,
+        ns: &Namespace,
+        port: &str,
+        ip: Ipv4Addr,
+        ip6: Ipv6Addr,
+    ) -> Result<(), TopologyError> {
         self.fabric.ip(&[
             "link",
             "add",
@@ -255,6 +294,15 @@ impl Topology {
         self.fabric
             .ip(&["link", "set", port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -262,10 +310,13 @@ impl Topology {
     fn add_node(&self, n: u8, count: usize, pods: &[&str]) -> Result<Node, TopologyError> {
         let ns = Namespace::create(&format!("n{n}"))?;
         let ip = Ipv4Addr::new(198, 18, 0, n);
-        self.plug(&ns, &format!("n{n}"), ip)?;
+        let ip6 = node_ip6(n);
+        self.plug(&ns, &format!("n{n}"), ip, ip6)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         for k in 1..=count {
-            if k != usize::from(n) {
+            let k = u8::try_from(k).expect("at most 199 nodes");
+            if k != n {
                 ns.ip(&[
                     "route",
                     "add",
@@ -273,17 +324,27 @@ impl Topology {
                     "via",
                     &format!("198.18.0.{k}"),
                 ])?;
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &pod_prefix6(k),
+                    "via",
+                    &node_ip6(k).to_string(),
+                ])?;
             }
         }
         let mut node = Node {
             name: format!("node-{n}"),
             ip,
+            ip6,
             pods: Vec::new(),
             ns,
         };
         for (j, name) in pods.iter().enumerate() {
             let m = u8::try_from(j + 1).expect("at most 254 pods per node");
             let pod_ip = Ipv4Addr::new(198, 19, n, m);
+            let pod_ip6 = Ipv6Addr::new(0x2001, 2, 0, u16::from(n), 0, 0, 0, u16::from(m));
             let pod = Namespace::create(&format!("n{n}-{name}"))?;
             let port = format!("p{m}");
             node.ns.ip(&[
@@ -301,8 +362,44 @@ impl Topology {
             node.ns.ip(&["link", "set", &port, "up"])?;
             node.ns
                 .ip(&["route", "add", &format!("{pod_ip}/32"), "dev", &port])?;
+            node.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{GATEWAY6}/64"),
+                "dev",
+                &port,
+                "nodad",
+            ])?;
+            node.ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{pod_ip6}/128"),
+                "dev",
+                &port,
+            ])?;
             pod.ip(&["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+            pod.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{pod_ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             pod.ip(&["link", "set", "eth0", "up"])?;
+            pod.ip(&[
+                "-6",
+                "route",
+                "add",
+                "2001:2::/48",
+                "via",
+                GATEWAY6,
+                "dev",
+                "eth0",
+            ])?;
             pod.ip(&[
                 "route",
                 "add",
@@ -324,6 +421,7 @@ impl Topology {
             node.pods.push(Pod {
                 name: (*name).to_owned(),
                 ip: pod_ip,
+                ip6: pod_ip6,
                 ns: pod,
             });
         }
