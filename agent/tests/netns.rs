@@ -1,6 +1,7 @@
 //! Root only: sockets the agent creates for a pod live in the pod's network namespace, carry
-//! the agent's mark, and leave the creating thread in the agent's own namespace. Prints what
-//! one socket costs (not asserted). Without root it is skipped, unless `CI` is set.
+//! the agent's mark, and leave the creating thread in the agent's own namespace; delivery
+//! sockets take the client's address or fall back to the pod's. Prints what one socket costs
+//! (not asserted). Without root it is skipped, unless `CI` is set.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use agent::demo::topology::Namespace;
 use agent::netns::{Home, Net, PodNet};
+use agent::proxy::delivery;
 use socket2::Domain;
 
 fn root_or_skip(test: &str) -> bool {
@@ -66,6 +68,23 @@ async fn pod_sockets_live_in_the_pod_and_carry_the_mark() {
         .unwrap();
     let (_accepted, peer) = listener.accept().await.unwrap();
     assert_eq!(peer, client.local_addr().unwrap());
+
+    // Delivery: from the client's address when the families match, else from the pod's.
+    let app = ns.listen("0.0.0.0:8080".parse().unwrap()).unwrap();
+    let client: std::net::IpAddr = "198.18.0.77".parse().unwrap();
+    let dst: SocketAddr = "198.19.9.1:8080".parse().unwrap();
+    let (socket, source) = delivery::socket(&pod, client, dst).unwrap();
+    assert_eq!(source, delivery::Source::Original(client));
+    assert_eq!(socket.local_addr().unwrap().ip(), client);
+    let other_family: std::net::IpAddr = "2001:2::77".parse().unwrap();
+    let (socket, source) = delivery::socket(&pod, other_family, dst).unwrap();
+    assert_eq!(source, delivery::Source::Pod);
+    // Without capture rules there is no return path for a spoofed source, but the pod's own
+    // address needs none: the fallback connects.
+    let stream = socket.connect(dst).await.unwrap();
+    let (_conn, peer) = app.accept().await.unwrap();
+    assert_eq!(peer.ip().to_canonical(), stream.local_addr().unwrap().ip());
+    assert_eq!(peer.ip(), std::net::IpAddr::from([198, 19, 9, 1]));
 
     let n = 10_000;
     let started = Instant::now();

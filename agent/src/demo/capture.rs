@@ -47,6 +47,9 @@ fn mesh(topology: &Topology) -> String {
 }
 
 pub async fn run() -> anyhow::Result<()> {
+    // Registered before anything is built: from here on Ctrl-C no longer kills the process
+    // with namespaces in place; it is seen by the select below, which cleans up.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let dir = tempfile::Builder::new()
         .prefix("ambientd-demo-")
         .tempdir()?;
@@ -73,14 +76,18 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
     // Ctrl-C is handled inside, so the agents still un-enroll before the namespaces go.
-    let result = with_agents(dir.path(), &topology).await;
+    let result = with_agents(dir.path(), &topology, &mut interrupt).await;
     drop(topology);
     drop(dir);
     println!("\ncleaned up: capture rules removed, agents stopped, namespaces and files deleted");
     result
 }
 
-async fn with_agents(dir: &Path, topology: &Topology) -> anyhow::Result<()> {
+async fn with_agents(
+    dir: &Path,
+    topology: &Topology,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
     let mut agents: Vec<Agent> = Vec::new();
     let mut result = Ok(());
     for node in ["node-1", "node-2"] {
@@ -98,7 +105,7 @@ async fn with_agents(dir: &Path, topology: &Topology) -> anyhow::Result<()> {
         let exchange = exchange(&agents[0], &agents[1], topology);
         result = tokio::select! {
             r = exchange => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
         };
     }
     for agent in agents {

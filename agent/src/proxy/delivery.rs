@@ -39,11 +39,16 @@ pub async fn connect(
         Net::Host => return Ok((proxy.connect(net, None, dst).await?, Source::Host)),
         Net::Pod(pod) => pod,
     };
+    let (socket, source) = socket(pod, client, dst)?;
+    Ok((proxy.connect_socket(socket, dst).await?, source))
+}
+
+/// The socket to deliver from, in the pod, and the source it will show.
+pub fn socket(pod: &PodNet, client: IpAddr, dst: SocketAddr) -> io::Result<(TcpSocket, Source)> {
     match transparent_socket(pod, client, dst) {
         Ok(socket) => {
             tracing::debug!(%client, %dst, netns = %pod.path().display(), "delivering from the original source");
-            let stream = proxy.connect_socket(socket, dst).await?;
-            Ok((stream, Source::Original(client)))
+            Ok((socket, Source::Original(client)))
         }
         Err(reason) => {
             if pod.first_fallback() {
@@ -51,8 +56,8 @@ pub async fn connect(
             } else {
                 tracing::debug!(%client, %dst, %reason, "delivering from the pod's own address");
             }
-            let stream = proxy.connect(net, None, dst).await?;
-            Ok((stream, Source::Pod))
+            let socket = pod.socket(Domain::for_address(dst))?;
+            Ok((TcpSocket::from_std_stream(socket.into()), Source::Pod))
         }
     }
 }
