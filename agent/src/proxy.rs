@@ -1,9 +1,13 @@
 //! The L4 proxy: per-workload listeners and every proxied connection.
 //!
-//! For each local workload the agent opens, on the workload's address:
+//! For each enrolled workload the agent opens, inside its pod's network namespace (or on the
+//! workload's own address when it has none; see `app::pods`):
 //! - 15001 outbound ([`outbound`]): captured client traffic → HBONE or plain passthrough;
 //! - 15006 inbound plaintext ([`plaintext`]): clients outside the mesh → the workload;
 //! - 15008 inbound HBONE ([`inbound`]): tunnels from peer agents → the workload.
+//!
+//! Every connection's sockets are created in the workload's [`Net`]; inbound connections reach
+//! the application through [`delivery`].
 //!
 //! An optional SOCKS5 listener ([`socks5`]) enters the same outbound path without capture.
 //! Each server is a function of its listener and a drain [`Watch`](crate::drain::Watch).

@@ -425,6 +425,7 @@ pub fn capture_state(ns: &Namespace) -> anyhow::Result<Vec<String>> {
         ("ip", &["-4", "rule", "show"][..]),
         ("ip", &["-6", "rule", "show"][..]),
         ("ip", &["-4", "route", "show", "table", "all"][..]),
+        ("ip", &["-6", "route", "show", "table", "all"][..]),
     ] {
         for line in list(ns, program, args)?.lines() {
             let l = line.to_ascii_lowercase();
