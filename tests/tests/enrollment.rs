@@ -96,3 +96,28 @@ async fn reload_unenrolls_a_pod_that_left_the_node_and_enrolls_it_again() {
     assert_eq!(back, data);
     nodes.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unenrolling_the_client_releases_its_pooled_connections() {
+    tests::init_logging();
+    let nodes = TwoNodes::start().await.unwrap();
+    let _echo = Echo::start(SocketAddr::new(nodes.net.echo(), 8080))
+        .await
+        .unwrap();
+    let data = pattern(1024, 5);
+    let target = SocketAddr::new(nodes.net.echo(), 8080);
+    let back = send_and_receive(nodes.connect(target).await.unwrap(), &data)
+        .await
+        .unwrap();
+    assert_eq!(back, data);
+    assert_eq!(nodes.a.pool().connections(), 1);
+
+    let moved = mesh_yaml(&nodes.net).replace("node: node-a", "node: node-elsewhere");
+    std::fs::write(nodes.dir().join("mesh-a.yaml"), moved).unwrap();
+    nodes.a.reload().unwrap();
+    eventually("releasing the client's pooled connection", || {
+        nodes.a.pool().connections() == 0
+    })
+    .await;
+    nodes.stop().await;
+}

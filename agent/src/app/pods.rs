@@ -7,8 +7,9 @@
 //! connections are refused, never let through. A pod without a namespace is served on its
 //! own addresses in the agent's namespace (loopback mode), with no rules.
 //!
-//! Un-enrolling stops the pod's listeners, removes its rules (new connections go direct) and
-//! lets its open connections finish until the drain deadline. Stopping the agent drains
+//! Un-enrolling stops the pod's listeners, removes its rules (new connections go direct),
+//! releases its pooled HBONE connections and lets its open connections finish until the drain
+//! deadline. Stopping the agent drains
 //! every pod but leaves the rules in place: while no agent serves a pod, its captured traffic
 //! fails instead of bypassing the mesh; a restarted agent re-applies them idempotently.
 
@@ -70,6 +71,8 @@ struct Installed {
 }
 
 struct Enrolled {
+    /// The workload's addresses when enrolled: its pooled connections' source.
+    addresses: Vec<IpAddr>,
     listeners: Vec<Listener>,
     rules: Option<Installed>,
     trigger: drain::Trigger,
@@ -165,6 +168,7 @@ impl Pods {
                 self.enrolled().insert(
                     uid,
                     Enrolled {
+                        addresses: workload.addresses.clone(),
                         listeners,
                         rules,
                         trigger,
@@ -301,6 +305,9 @@ impl Pods {
             return false;
         };
         let drain = tokio::spawn(pod.trigger.drain(self.drain_deadline));
+        for ip in &pod.addresses {
+            self.proxy.pool.forget_source(*ip);
+        }
         let netns = pod.rules.as_ref().map(|r| r.netns.path().to_owned());
         if let Some(rules) = pod.rules.take() {
             self.remove_rules(uid, rules).await;

@@ -176,6 +176,16 @@ impl Pool {
         })
     }
 
+    /// Forgets the connections opened from `ip` (an un-enrolled pod's address): no new stream
+    /// uses them, and each closes once its open streams have ended.
+    pub fn forget_source(&self, ip: IpAddr) {
+        self.inner
+            .slots
+            .lock()
+            .expect("pool lock poisoned")
+            .retain(|key, _| key.src_ip != Some(ip));
+    }
+
     /// Open connections in the pool.
     pub fn connections(&self) -> usize {
         let slots: Vec<Slot> = self
