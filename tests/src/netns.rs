@@ -205,6 +205,10 @@ pub struct Cluster {
     pub agents: Vec<Option<NodeAgent>>,
     pub topology: Topology,
     pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// `--capture-backend B --inbound-mode M`.
+    capture: [String; 4],
+    started: usize,
 }
 
 impl Cluster {
@@ -222,31 +226,59 @@ impl Cluster {
             agents: Vec::new(),
             topology,
             dir,
+            bin,
+            capture: [
+                "--capture-backend".into(),
+                backend.into(),
+                "--inbound-mode".into(),
+                inbound.into(),
+            ],
+            started: 0,
         };
         for node in &cluster.topology.nodes {
             let mesh = cluster.dir.path().join(format!("mesh-{}.yaml", node.name));
             std::fs::write(&mesh, cluster.mesh_yaml(&[]))?;
-            let agent = NodeAgent::spawn(
-                &bin,
-                &node.ns,
-                &node.name,
-                mesh,
-                &ca,
-                &["--capture-backend", backend, "--inbound-mode", inbound],
-                cluster.dir.path().join(format!("{}.log", node.name)),
-            )?;
-            cluster.agents.push(Some(agent));
         }
-        for (i, node) in cluster.topology.nodes.iter().enumerate() {
-            let pods = node.pods.len();
-            let agent = cluster.agents[i].as_mut().expect("just started");
-            agent
-                .wait_for("enrolled all its pods", |a| {
-                    a.messages("pod enrolled").len() == pods
-                })
-                .await?;
+        for n in 1..=cluster.topology.nodes.len() {
+            cluster.agents.push(None);
+            cluster.start_agent(n)?;
+        }
+        for n in 1..=cluster.topology.nodes.len() {
+            cluster.wait_enrolled(n).await?;
         }
         Ok(cluster)
+    }
+
+    /// Starts node `n`'s agent (again) on its mesh file.
+    pub fn start_agent(&mut self, n: usize) -> anyhow::Result<()> {
+        ensure!(self.agents[n - 1].is_none(), "node {n}'s agent is running");
+        let node = self.topology.node(n);
+        self.started += 1;
+        let capture: Vec<&str> = self.capture.iter().map(String::as_str).collect();
+        let agent = NodeAgent::spawn(
+            &self.bin,
+            &node.ns,
+            &node.name,
+            self.dir.path().join(format!("mesh-{}.yaml", node.name)),
+            &self.dir.path().join("ca"),
+            &capture,
+            self.dir
+                .path()
+                .join(format!("{}-{}.log", node.name, self.started)),
+        )?;
+        self.agents[n - 1] = Some(agent);
+        Ok(())
+    }
+
+    /// Waits until node `n`'s agent enrolled every pod of its node.
+    pub async fn wait_enrolled(&mut self, n: usize) -> anyhow::Result<()> {
+        let pods = self.topology.node(n).pods.len();
+        let agent = self.agents[n - 1].as_mut().context("agent is running")?;
+        agent
+            .wait_for("enrolled all its pods", |a| {
+                a.messages("pod enrolled").len() == pods
+            })
+            .await
     }
 
     /// The mesh: every pod an HBONE workload `demo/<pod>` with service account `<pod>` on its

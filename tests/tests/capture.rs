@@ -5,7 +5,10 @@
 //! One dual-stack topology per combination, shared by the steps of its test, each step done
 //! over IPv4 and IPv6: node 1 runs pods a1 and a2, node 2 runs pod b1, and a host outside the
 //! mesh (198.18.0.200, 2001:2::200) has no agent. Every pod and the outside host run an echo
-//! application on port 8080 that records who connected.
+//! application on port 8080 that records who connected. Steps: capture and tunnel with the
+//! client's address and identity seen, two pods on one node, passthrough, inbound plaintext, no
+//! re-capture, un-enrollment leaving nothing behind, fail-closed while node 2's agent is
+//! stopped, service again once it is restarted, no namespace left.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -192,6 +195,20 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
         "b1's application was reached without its agent: {:?}",
         b1_app.peers()
     );
+
+    // A new agent applies the rules it finds in place again (idempotent) and serves B1.
+    cluster.start_agent(2)?;
+    cluster.wait_enrolled(2).await?;
+    for f in &families {
+        echo(&cluster.topology.node(1).pod("a1").ns, addr(f.b1))
+            .await
+            .with_context(|| format!("a1 → b1 {} after node 2's agent restarted", f.b1))?;
+        ensure!(
+            b1_app.peers().last() == Some(&f.a1),
+            "b1 saw {:?}",
+            b1_app.peers()
+        );
+    }
     drop((b1_app, a2_app, out_app));
     drop(cluster);
     let left = leftovers()?;
