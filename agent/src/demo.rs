@@ -50,14 +50,29 @@ pub fn agent_config(dir: &Path, node: &str) -> Config {
 
 /// The root demo when root, else the loopback one, saying why.
 pub async fn run() -> anyhow::Result<()> {
-    if nix::unistd::geteuid().is_root() {
-        return capture::run().await;
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "not running as root: simulated nodes (network namespaces) and capture rules need \
+             root, so this is the loopback demo — the client enters the mesh through SOCKS5"
+        );
+        return loopback().await;
     }
-    println!(
-        "not running as root: simulated nodes (network namespaces) and capture rules need root, \
-         so this is the loopback demo — the client enters the mesh through SOCKS5"
-    );
-    loopback().await
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    match capture::topology() {
+        Ok(topology) => capture::run(topology, interrupt).await,
+        Err(e) => {
+            println!(
+                "cannot build simulated nodes ({e}), so this is the loopback demo — the client \
+                 enters the mesh through SOCKS5"
+            );
+            // SIGINT is ours now (see above), so Ctrl-C has to be handled here too.
+            tokio::select! {
+                r = loopback() => r,
+                _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
+            }
+        }
+    }
 }
 
 async fn loopback() -> anyhow::Result<()> {

@@ -46,16 +46,21 @@ fn mesh(topology: &Topology) -> String {
     )
 }
 
-pub async fn run() -> anyhow::Result<()> {
-    // Registered before anything is built: from here on Ctrl-C no longer kills the process
-    // with namespaces in place; it is seen by the select below, which cleans up.
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+/// Builds the demo's two nodes. Register the Ctrl-C handler before: from then on Ctrl-C no
+/// longer kills the process with namespaces in place.
+pub fn topology() -> Result<Topology, super::topology::TopologyError> {
+    Topology::build(&[&["client"], &["echo"]], false)
+}
+
+/// Runs the demo on `topology`; `interrupt` (SIGINT) ends it early, cleaning up.
+pub async fn run(
+    topology: Topology,
+    mut interrupt: tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("ambientd-demo-")
         .tempdir()?;
     ca_client::LocalCa::init(&dir.path().join("ca")).context("creating the demo root CA")?;
-    let topology = Topology::build(&[&["client"], &["echo"]], false)
-        .context("building the simulated nodes (network namespaces)")?;
     std::fs::write(dir.path().join("mesh.yaml"), mesh(&topology))?;
     println!(
         "ambientd demo (root): two simulated nodes as network namespaces, real capture rules, \
