@@ -1,21 +1,29 @@
-//! Wiring and lifecycle: load the mesh, set up certificates, open every local workload's
-//! listeners, run until told to stop, then drain. The one place that spawns long-lived tasks.
+//! Wiring and lifecycle: load the mesh, set up certificates, enroll this node's pods (capture
+//! rules and listeners, [`pods`]) from the enrollment source, run until told to stop, then
+//! drain. SIGHUP re-reads the mesh file. The one place that spawns long-lived tasks.
+
+pub mod pods;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use ca_client::{Cache, CertificateSink, LocalCa};
 use identity::{Identity, WorkloadCertificate};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{CaSource, Config};
 use crate::drain;
+use crate::enrollment::Source;
+use crate::enrollment::mesh::MeshSource;
 use crate::events::{ConnectionRecord, Events};
-use crate::proxy::{self, Proxy, inbound, outbound, plaintext, pool::Pool, socks5};
+use crate::netns::Home;
+use crate::proxy::{self, Proxy, pool::Pool, socks5};
 use crate::tls::Credentials;
+use pods::Pods;
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +45,12 @@ pub struct Listener {
 /// A running agent.
 pub struct Agent {
     proxy: Arc<Proxy>,
-    listeners: Vec<Listener>,
+    pods: Arc<Pods>,
+    /// Listeners that belong to no pod (SOCKS5).
+    own: Vec<Listener>,
+    mesh_file: PathBuf,
+    reloads: watch::Sender<u64>,
+    enrollment: tokio::task::JoinHandle<()>,
     trigger: drain::Trigger,
     tasks: JoinSet<()>,
 }
@@ -58,8 +71,9 @@ impl CertificateSink for TlsSink {
     }
 }
 
-/// Loads everything, opens the listeners and returns the running agent. Every problem in the
-/// configuration is an error here, before anything is served.
+/// Loads everything, enrolls this node's pods (capture rules and listeners) and returns the
+/// running agent. Every problem in the configuration or with a pod present at start is an
+/// error here, before anything is served.
 pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     let mesh = xds::local::load(&cfg.mesh_file)?;
     let state = xds::Store::new(mesh.into_state());
@@ -86,58 +100,43 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     let proxy = Arc::new(Proxy {
         pool: Pool::new(cfg.proxy.pool.clone()),
         cfg: cfg.proxy.clone(),
-        state,
+        state: state.clone(),
         creds,
         certs,
         events: Events::default(),
     });
+    let home = Home::current()?;
+    let pods = Arc::new(Pods::new(
+        proxy.clone(),
+        cfg.capture.clone(),
+        home,
+        cfg.drain_deadline,
+    ));
+    let (reloads, reloads_rx) = watch::channel(0u64);
+    let mut source = MeshSource::new(state, node, reloads_rx);
+    let initial = source.initial().await?;
+    for pod in initial {
+        if let Err(e) = pods.enroll(pod).await {
+            pods.unenroll_all().await;
+            return Err(e.into());
+        }
+    }
+    let enrollment = {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            while let Some(change) = source.next().await {
+                pods.apply(change).await;
+            }
+        })
+    };
     let (trigger, watch) = drain::channel();
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy.pool.reaper());
-    let mut listeners = Vec::new();
-    let ports = proxy.cfg.ports;
-    for w in local {
-        for &ip in &w.addresses {
-            for (role, port) in [
-                (Role::Hbone, ports.hbone),
-                (Role::Outbound, ports.outbound),
-                (Role::InboundPlaintext, ports.inbound_plaintext),
-            ] {
-                let addr = SocketAddr::new(ip, port);
-                let listener = proxy::bind(addr).with_context(|| {
-                    format!("binding {role:?} listener {addr} of workload {}", w.uid)
-                })?;
-                listeners.push(Listener {
-                    role,
-                    workload: Some(w.uid.clone()),
-                    addr: listener.local_addr()?,
-                });
-                let (p, w, d) = (proxy.clone(), w.clone(), watch.clone());
-                match role {
-                    Role::Hbone => {
-                        tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
-                            inbound::handle(p.clone(), w.clone(), s, peer, d.clone())
-                        }))
-                    }
-                    Role::Outbound => {
-                        tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
-                            outbound::handle(p.clone(), w.clone(), s, peer)
-                        }))
-                    }
-                    Role::InboundPlaintext => {
-                        tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
-                            plaintext::handle(p.clone(), w.clone(), s, peer)
-                        }))
-                    }
-                    Role::Socks5 => unreachable!("not a workload listener"),
-                };
-            }
-        }
-    }
+    let mut own = Vec::new();
     if let Some(addr) = cfg.socks5 {
         let listener =
             proxy::bind(addr).with_context(|| format!("binding the SOCKS5 listener {addr}"))?;
-        listeners.push(Listener {
+        own.push(Listener {
             role: Role::Socks5,
             workload: None,
             addr: listener.local_addr()?,
@@ -146,28 +145,33 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
             socks5::handle(p.clone(), s, peer)
         }));
-    }
-    for l in &listeners {
-        tracing::info!(role = ?l.role, addr = %l.addr, workload = l.workload.as_deref().unwrap_or("-"), "listening");
+        tracing::info!(role = ?Role::Socks5, addr = %own[0].addr, "listening");
     }
     drop(watch);
     Ok(Agent {
         proxy,
-        listeners,
+        pods,
+        own,
+        mesh_file: cfg.mesh_file,
+        reloads,
+        enrollment,
         trigger,
         tasks,
     })
 }
 
 impl Agent {
-    pub fn listeners(&self) -> &[Listener] {
-        &self.listeners
+    /// Every listener: the enrolled pods', then the agent's own (SOCKS5).
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut all = self.pods.listeners();
+        all.extend(self.own.iter().cloned());
+        all
     }
 
     /// The address of the first listener with this role.
     pub fn listener(&self, role: Role) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
+        self.listeners()
+            .into_iter()
             .find(|l| l.role == role)
             .map(|l| l.addr)
     }
@@ -181,35 +185,56 @@ impl Agent {
         self.proxy.events.subscribe()
     }
 
+    /// Re-reads the mesh file; pods that joined or left this node are enrolled or
+    /// un-enrolled by the enrollment task. A file with errors changes nothing.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let mesh = xds::local::load(&self.mesh_file)?;
+        drop(self.proxy.state.replace(mesh.into_state()));
+        self.reloads.send_modify(|generation| *generation += 1);
+        tracing::info!(file = %self.mesh_file.display(), "mesh file reloaded");
+        Ok(())
+    }
+
+    /// Un-enrolls every pod and removes its capture rules (the demo's clean-up).
+    pub async fn unenroll_all(&self) {
+        self.pods.unenroll_all().await;
+    }
+
     /// Stops accepting, lets open connections finish until `deadline`, then closes them.
+    /// Capture rules stay in place (see [`pods`]).
     pub async fn shutdown(mut self, deadline: Duration) -> drain::Outcome {
-        let outcome = self.trigger.drain(deadline).await;
+        self.enrollment.abort();
+        let (own, pods) = tokio::join!(self.trigger.drain(deadline), self.pods.shutdown(deadline));
         self.tasks.shutdown().await;
-        outcome
+        if own == drain::Outcome::Forced {
+            own
+        } else {
+            pods
+        }
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then drains.
+/// Runs the agent until SIGTERM or SIGINT, then drains; SIGHUP re-reads the mesh file.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
     let deadline = cfg.drain_deadline;
-    // Handlers first: a SIGTERM that arrives while starting up still drains.
-    let signal = shutdown_signal()?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let agent = start(cfg).await?;
-    signal.await;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = int.recv() => { tracing::info!("SIGINT received"); break }
+            _ = hup.recv() => {
+                if let Err(e) = agent.reload() {
+                    tracing::error!(error = %format!("{e:#}"), "mesh file not reloaded; keeping the current state");
+                }
+            }
+        }
+    }
     tracing::info!(deadline = ?deadline, "draining: no new connections; open ones may finish");
     let outcome = agent.shutdown(deadline).await;
     tracing::info!(?outcome, "stopped");
     Ok(())
-}
-
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
 }

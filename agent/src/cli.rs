@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::capture::{CaptureSettings, parse_backend, parse_inbound_mode};
 use crate::config::{CaConfig, CaSource, Config, H2Config, ProxyConfig, parse_duration};
 use crate::proxy::pool::PoolConfig;
 
@@ -112,6 +113,12 @@ pub struct RunArgs {
     pub h2_connection_window: u32,
     #[arg(long, env = "HTTP2_FRAME_SIZE", default_value_t = 1024 * 1024)]
     pub h2_frame_size: u32,
+    /// Netfilter front end for pod capture rules: iptables or nftables.
+    #[arg(long, env = "CAPTURE_BACKEND", default_value = "iptables", value_parser = parse_backend)]
+    pub capture_backend: redirect::Backend,
+    /// How inbound traffic reaches the agent in a pod: redirect (NAT) or tproxy.
+    #[arg(long, env = "INBOUND_MODE", default_value = "redirect", value_parser = parse_inbound_mode)]
+    pub inbound_mode: redirect::InboundMode,
 }
 
 impl RunArgs {
@@ -165,6 +172,11 @@ impl RunArgs {
                 },
                 ..ProxyConfig::default()
             },
+            capture: CaptureSettings {
+                backend: self.capture_backend,
+                inbound: self.inbound_mode,
+                ..CaptureSettings::default()
+            },
             drain_deadline: self.drain_deadline,
         })
     }
@@ -202,6 +214,30 @@ mod tests {
         assert_eq!(cfg.proxy.pool.max_streams, 100);
         assert_eq!(cfg.ca.cert_ttl, Duration::from_secs(86400));
         assert!(matches!(cfg.ca.source, CaSource::Dir(_)));
+        assert_eq!(cfg.capture.backend, redirect::Backend::Iptables);
+        assert_eq!(cfg.capture.inbound, redirect::InboundMode::Redirect);
+    }
+
+    #[test]
+    fn capture_flags_choose_backend_and_inbound_mode() {
+        let cfg = run(&[
+            "--mesh",
+            "m",
+            "--node",
+            "n",
+            "--capture-backend",
+            "nftables",
+            "--inbound-mode",
+            "tproxy",
+        ])
+        .unwrap();
+        assert_eq!(cfg.capture.backend, redirect::Backend::Nftables);
+        assert_eq!(cfg.capture.inbound, redirect::InboundMode::Tproxy);
+        assert!(
+            run(&["--mesh", "m", "--node", "n", "--inbound-mode", "nat"])
+                .unwrap_err()
+                .contains("redirect or tproxy")
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::capture::CaptureSettings;
 use crate::proxy::pool::PoolConfig;
 
 /// Ports of the agent's per-workload listeners (hbone.md §1).
@@ -102,6 +103,8 @@ pub struct Config {
     /// SOCKS5 listener (off by default); enters the outbound path without capture.
     pub socks5: Option<SocketAddr>,
     pub proxy: ProxyConfig,
+    /// How enrolled pods with a network namespace are captured.
+    pub capture: CaptureSettings,
     /// How long SIGTERM waits for open connections before closing them.
     pub drain_deadline: Duration,
 }

@@ -1,6 +1,13 @@
-//! `ambientd demo`: two agents on loopback addresses, one root CA, a client in workload
-//! `client` reaching the echo server of workload `echo` through the mesh — then a summary of
-//! what happened, and everything cleaned up. Needs no root and no set-up.
+//! `ambientd demo`: two agents, one root CA, a client in workload `client` reaching the echo
+//! server of workload `echo` through the mesh — then a summary of what happened, and
+//! everything cleaned up.
+//!
+//! As root it builds two simulated nodes as network namespaces ([`topology`]) with real
+//! capture rules in the pods ([`capture`]); otherwise the agents serve loopback addresses and
+//! the client enters through SOCKS5. Needs no set-up either way.
+
+pub mod capture;
+pub mod topology;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -36,11 +43,39 @@ pub fn agent_config(dir: &Path, node: &str) -> Config {
             node_name: node.into(),
             ..ProxyConfig::default()
         },
+        capture: Default::default(),
         drain_deadline: Duration::from_secs(2),
     }
 }
 
+/// The root demo when root, else the loopback one, saying why.
 pub async fn run() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "not running as root: simulated nodes (network namespaces) and capture rules need \
+             root, so this is the loopback demo — the client enters the mesh through SOCKS5"
+        );
+        return loopback().await;
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    match capture::topology() {
+        Ok(topology) => capture::run(topology, interrupt).await,
+        Err(e) => {
+            println!(
+                "cannot build simulated nodes ({e}), so this is the loopback demo — the client \
+                 enters the mesh through SOCKS5"
+            );
+            // SIGINT is ours now (see above), so Ctrl-C has to be handled here too.
+            tokio::select! {
+                r = loopback() => r,
+                _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
+            }
+        }
+    }
+}
+
+async fn loopback() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("ambientd-demo-")
         .tempdir()?;
@@ -163,7 +198,7 @@ async fn exchange(node_a: &Agent, node_b: &Agent) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn next_record(
+pub(crate) async fn next_record(
     rx: &mut tokio::sync::broadcast::Receiver<ConnectionRecord>,
     direction: Direction,
 ) -> anyhow::Result<ConnectionRecord> {

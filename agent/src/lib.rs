@@ -7,10 +7,13 @@
 
 pub mod app;
 pub mod ca;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod drain;
+pub mod enrollment;
 pub mod events;
+pub mod netns;
 pub mod proxy;
 pub mod tls;

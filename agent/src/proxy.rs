@@ -1,14 +1,19 @@
 //! The L4 proxy: per-workload listeners and every proxied connection.
 //!
-//! For each local workload the agent opens, on the workload's address:
+//! For each enrolled workload the agent opens, inside its pod's network namespace (or on the
+//! workload's own address when it has none; see `app::pods`):
 //! - 15001 outbound ([`outbound`]): captured client traffic → HBONE or plain passthrough;
 //! - 15006 inbound plaintext ([`plaintext`]): clients outside the mesh → the workload;
 //! - 15008 inbound HBONE ([`inbound`]): tunnels from peer agents → the workload.
+//!
+//! Every connection's sockets are created in the workload's [`Net`]; inbound connections reach
+//! the application through [`delivery`].
 //!
 //! An optional SOCKS5 listener ([`socks5`]) enters the same outbound path without capture.
 //! Each server is a function of its listener and a drain [`Watch`](crate::drain::Watch).
 
 pub mod copy;
+pub mod delivery;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;
@@ -25,6 +30,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::ProxyConfig;
 use crate::events::Events;
+use crate::netns::Net;
 use crate::tls::Credentials;
 
 /// The destination the client asked for, before capture redirected it (`SO_ORIGINAL_DST`), or
@@ -54,16 +60,27 @@ impl Proxy {
         port == p.outbound || port == p.inbound_plaintext || port == p.hbone
     }
 
-    /// Connects to `dst` with the configured timeout, from `src` when given.
-    pub async fn connect(&self, src: Option<IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if dst.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+    /// Connects to `dst` from a socket in `net` with the configured timeout, from `src` when
+    /// given.
+    pub async fn connect(
+        &self,
+        net: &Net,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
+        let socket = net.tcp_socket(dst.ip())?;
         if let Some(ip) = src {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
+        self.connect_socket(socket, dst).await
+    }
+
+    /// Connects a prepared socket to `dst` with the configured timeout.
+    pub async fn connect_socket(
+        &self,
+        socket: TcpSocket,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
         let stream = tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dst))
             .await
             .map_err(|_| {

@@ -127,11 +127,15 @@ fn ca_init_then_issue_writes_a_certificate_to_inspect() {
 
 #[test]
 fn demo_sends_traffic_through_the_mesh_and_reports_both_identities() {
-    let out = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("demo")
         .env("RUST_LOG", "warn")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("ambientd demo runs");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("ambientd demo finishes");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -148,6 +152,67 @@ fn demo_sends_traffic_through_the_mesh_and_reports_both_identities() {
     );
     assert!(stdout.contains("intact"), "{stdout}");
     assert!(stdout.contains("cleaned up"), "{stdout}");
+    if nix::unistd::geteuid().is_root() {
+        // Root: simulated nodes with real capture; the echo app saw the client's own address.
+        assert!(stdout.contains("real capture rules"), "{stdout}");
+        assert!(
+            stdout.contains("echo app saw the connection from 198.19.1.1:"),
+            "{stdout}"
+        );
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let netns = String::from_utf8_lossy(&netns.stdout);
+        assert!(
+            !netns.contains(&format!("amb-{pid}-")),
+            "the demo left namespaces behind: {netns}"
+        );
+    } else {
+        assert!(stdout.contains("not running as root"), "{stdout}");
+    }
+}
+
+#[test]
+fn demo_interrupted_by_ctrl_c_leaves_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the root demo needs root and CI is set"
+        );
+        eprintln!("skipping: the root demo needs root");
+        return;
+    }
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ambientd demo runs");
+    let pid = child.id();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("ambientd demo (root)"), "{first}");
+    // The namespaces exist now; interrupt wherever the demo is.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        status.code().is_some(),
+        "the demo died from the signal instead of handling it: {status}"
+    );
+    assert!(rest.contains("cleaned up"), "{rest}");
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !netns.contains(&format!("amb-{pid}-")),
+        "the interrupted demo left namespaces behind: {netns}"
+    );
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! processes) never fight over the agents' fixed ports; everything lives in a temporary
 //! directory and stops when the fixture drops.
 
+pub mod netns;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -114,6 +116,7 @@ pub fn config(mesh: &Path, ca_dir: &Path, node: &str) -> Config {
             connect_timeout: Duration::from_secs(2),
             ..ProxyConfig::default()
         },
+        capture: Default::default(),
         drain_deadline: Duration::from_secs(2),
     }
 }

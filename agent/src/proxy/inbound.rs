@@ -18,14 +18,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use xds::Workload;
 
-use super::{PeerAddr, Proxy, copy, headers};
+use super::{PeerAddr, Proxy, copy, delivery, headers};
 use crate::drain::Watch;
 use crate::events::{ConnectionRecord, Direction};
+use crate::netns::Net;
 use crate::tls;
 
 /// One accepted TCP connection on a workload's HBONE listener.
 pub async fn handle(
     proxy: Arc<Proxy>,
+    net: Net,
     workload: Arc<Workload>,
     tcp: TcpStream,
     peer: PeerAddr,
@@ -86,6 +88,7 @@ pub async fn handle(
                 Some(Ok((req, respond))) => {
                     let stream = Stream {
                         proxy: proxy.clone(),
+                        net: net.clone(),
                         workload: workload.clone(),
                         local,
                         peer,
@@ -114,6 +117,8 @@ pub async fn handle(
 
 struct Stream {
     proxy: Arc<Proxy>,
+    /// Where the workload's application is connected to from.
+    net: Net,
     workload: Arc<Workload>,
     /// The address the tunnel connection was accepted on (the workload's IP).
     local: SocketAddr,
@@ -168,7 +173,7 @@ impl Stream {
             duration: Default::default(),
             error: None,
         };
-        match self.connect(&req).await {
+        match self.connect(&req, rec.src.ip()).await {
             Ok((authority, upstream)) => {
                 rec.dst = authority;
                 let response = Response::builder()
@@ -201,7 +206,12 @@ impl Stream {
         self.proxy.events.record(rec);
     }
 
-    async fn connect(&self, req: &Request<RecvStream>) -> Result<(SocketAddr, TcpStream), Refusal> {
+    /// Checks the request and connects to the workload, as `client` where permitted.
+    async fn connect(
+        &self,
+        req: &Request<RecvStream>,
+        client: std::net::IpAddr,
+    ) -> Result<(SocketAddr, TcpStream), Refusal> {
         if req.method() != Method::CONNECT {
             return Err(Refusal::NotConnect(req.method().clone()));
         }
@@ -218,9 +228,7 @@ impl Stream {
         if self.proxy.is_own_port(authority.port()) {
             return Err(Refusal::OwnPort(authority));
         }
-        let upstream = self
-            .proxy
-            .connect(None, authority)
+        let (upstream, _) = delivery::connect(&self.proxy, &self.net, client, authority)
             .await
             .map_err(|source| Refusal::Upstream {
                 addr: authority,

@@ -21,6 +21,7 @@ use xds::{Destination, Service, Workload};
 use super::pool::{self, Checkout, Key};
 use super::{OrigDstAddr, PeerAddr, Proxy, copy, headers};
 use crate::events::{ConnectionRecord, Direction};
+use crate::netns::Net;
 use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +116,13 @@ impl Upstream {
 }
 
 /// Serves one captured connection from `source`.
-pub async fn handle(proxy: Arc<Proxy>, source: Arc<Workload>, client: TcpStream, peer: PeerAddr) {
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    net: Net,
+    source: Arc<Workload>,
+    client: TcpStream,
+    peer: PeerAddr,
+) {
     let dst = match super::orig_dst(&client) {
         Ok(dst) => dst,
         Err(e) => {
@@ -124,7 +131,7 @@ pub async fn handle(proxy: Arc<Proxy>, source: Arc<Workload>, client: TcpStream,
         }
     };
     let started = Instant::now();
-    let result = open(&proxy, &source, peer, dst).await;
+    let result = open(&proxy, &net, &source, peer, dst).await;
     finish(&proxy, &source, &client, peer, dst, started, result).await;
 }
 
@@ -171,10 +178,11 @@ pub async fn finish(
     proxy.events.record(rec);
 }
 
-/// Resolves `dst` for `source` and connects: HBONE to a mesh workload that accepts it, plain
-/// TCP otherwise.
+/// Resolves `dst` for `source` and connects from `net`: HBONE to a mesh workload that accepts
+/// it, plain TCP otherwise.
 pub async fn open(
     proxy: &Proxy,
+    net: &Net,
     source: &Workload,
     client: PeerAddr,
     dst: OrigDstAddr,
@@ -193,7 +201,7 @@ pub async fn open(
         Destination::NoHealthyEndpoint { service } => {
             return Err(Error::NoHealthyEndpoint(service.hostname.clone()));
         }
-        Destination::Unknown => return tcp(proxy, dst).await,
+        Destination::Unknown => return tcp(proxy, net, dst).await,
     };
     let ip = workload
         .addresses
@@ -208,15 +216,24 @@ pub async fn open(
     }
     match workload.tunnel_protocol {
         xds::TunnelProtocol::Hbone => {
-            hbone(proxy, source, client, &workload, target, service.as_deref()).await
+            hbone(
+                proxy,
+                net,
+                source,
+                client,
+                &workload,
+                target,
+                service.as_deref(),
+            )
+            .await
         }
-        xds::TunnelProtocol::None => tcp(proxy, target).await,
+        xds::TunnelProtocol::None => tcp(proxy, net, target).await,
     }
 }
 
-async fn tcp(proxy: &Proxy, dst: SocketAddr) -> Result<Upstream, Error> {
+async fn tcp(proxy: &Proxy, net: &Net, dst: SocketAddr) -> Result<Upstream, Error> {
     proxy
-        .connect(None, dst)
+        .connect(net, None, dst)
         .await
         .map(Upstream::Tcp)
         .map_err(|source| Error::Connect { addr: dst, source })
@@ -224,6 +241,7 @@ async fn tcp(proxy: &Proxy, dst: SocketAddr) -> Result<Upstream, Error> {
 
 async fn hbone(
     proxy: &Proxy,
+    net: &Net,
     source: &Workload,
     client: PeerAddr,
     workload: &Workload,
@@ -235,16 +253,17 @@ async fn hbone(
     if let Some(svc) = service {
         expected.extend(svc.subject_alt_names.iter().cloned());
     }
-    let key = Key::new(
-        src_id.clone(),
-        expected,
-        SocketAddr::new(target.ip(), proxy.cfg.ports.hbone),
-    );
     let src_ip = source
         .addresses
         .iter()
         .find(|a| a.is_ipv4() == target.is_ipv4())
         .copied();
+    let key = Key::new(
+        src_id.clone(),
+        src_ip,
+        expected,
+        SocketAddr::new(target.ip(), proxy.cfg.ports.hbone),
+    );
     let request = || {
         Request::builder()
             .method(Method::CONNECT)
@@ -266,7 +285,7 @@ async fn hbone(
     for attempt in 0..2 {
         let slot = proxy
             .pool
-            .checkout(key.clone(), || connect(proxy, &key, src_ip))
+            .checkout(key.clone(), || connect(proxy, net, &key))
             .await?;
         let sent = match slot.sender().ready().await {
             Ok(mut sender) => sender.send_request(request(), false),
@@ -315,11 +334,7 @@ async fn hbone(
 }
 
 /// Opens a new HBONE connection for the pool: TCP, mutual TLS, HTTP/2.
-async fn connect(
-    proxy: &Proxy,
-    key: &Key,
-    src_ip: Option<std::net::IpAddr>,
-) -> Result<pool::Conn, Error> {
+async fn connect(proxy: &Proxy, net: &Net, key: &Key) -> Result<pool::Conn, Error> {
     proxy
         .certs
         .get(&key.src)
@@ -337,7 +352,7 @@ async fn connect(
         })?;
     let addr = key.dst;
     let tcp = proxy
-        .connect(src_ip, addr)
+        .connect(net, key.src_ip, addr)
         .await
         .map_err(|source| Error::Connect { addr, source })?;
     let handshake = async {

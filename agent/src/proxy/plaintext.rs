@@ -7,10 +7,17 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use xds::Workload;
 
-use super::{PeerAddr, Proxy, copy};
+use super::{PeerAddr, Proxy, copy, delivery};
 use crate::events::{ConnectionRecord, Direction};
+use crate::netns::Net;
 
-pub async fn handle(proxy: Arc<Proxy>, workload: Arc<Workload>, client: TcpStream, peer: PeerAddr) {
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    net: Net,
+    workload: Arc<Workload>,
+    client: TcpStream,
+    peer: PeerAddr,
+) {
     let started = Instant::now();
     let Ok(dst) = super::orig_dst(&client) else {
         return;
@@ -35,8 +42,8 @@ pub async fn handle(proxy: Arc<Proxy>, workload: Arc<Workload>, client: TcpStrea
             workload.uid
         ))
     } else {
-        match proxy.connect(None, dst).await {
-            Ok(upstream) => copy::tcp(&client, &upstream)
+        match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
+            Ok((upstream, _)) => copy::tcp(&client, &upstream)
                 .await
                 .map(|t| (rec.sent, rec.received) = (t.a_to_b, t.b_to_a))
                 .map_err(|e| e.to_string()),

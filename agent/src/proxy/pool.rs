@@ -8,7 +8,7 @@
 //! handshake instead of opening one connection each.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -23,16 +23,29 @@ use crate::config::H2Config;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub src: Identity,
+    /// The source address the connection is opened from: pods sharing an identity still get
+    /// connections of their own (each from its own network namespace).
+    pub src_ip: Option<IpAddr>,
     /// Sorted, without duplicates.
     pub expected: Vec<Identity>,
     pub dst: SocketAddr,
 }
 
 impl Key {
-    pub fn new(src: Identity, mut expected: Vec<Identity>, dst: SocketAddr) -> Self {
+    pub fn new(
+        src: Identity,
+        src_ip: Option<IpAddr>,
+        mut expected: Vec<Identity>,
+        dst: SocketAddr,
+    ) -> Self {
         expected.sort();
         expected.dedup();
-        Self { src, expected, dst }
+        Self {
+            src,
+            src_ip,
+            expected,
+            dst,
+        }
     }
 }
 
@@ -164,6 +177,16 @@ impl Pool {
             conn,
             reused: false,
         })
+    }
+
+    /// Forgets the connections opened from `ip` (an un-enrolled pod's address): no new stream
+    /// uses them, and each closes once its open streams have ended.
+    pub fn forget_source(&self, ip: IpAddr) {
+        self.inner
+            .slots
+            .lock()
+            .expect("pool lock poisoned")
+            .retain(|key, _| key.src_ip != Some(ip));
     }
 
     /// Open connections in the pool (a key whose slot is being checked out at this instant is

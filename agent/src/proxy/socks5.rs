@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::outbound::{self, Error};
 use super::{OrigDstAddr, PeerAddr, Proxy};
+use crate::netns::Net;
 
 const VERSION: u8 = 5;
 const NO_AUTH: u8 = 0;
@@ -138,7 +139,8 @@ pub async fn handle(proxy: Arc<Proxy>, mut client: TcpStream, peer: PeerAddr) {
         return;
     };
     let started = Instant::now();
-    let opened = outbound::open(&proxy, &source, peer, dst).await;
+    // SOCKS5 clients are in the agent's namespace: workloads served on loopback addresses.
+    let opened = outbound::open(&proxy, &Net::Host, &source, peer, dst).await;
     let reply = match &opened {
         Ok(_) => Reply::Succeeded,
         Err(e) => Reply::for_error(e),

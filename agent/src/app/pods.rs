@@ -1,0 +1,390 @@
+//! The enrolled pods of this node, and what enrolling one means.
+//!
+//! Enrolling a pod with a network namespace: apply its capture rules inside the namespace,
+//! then open its outbound, inbound-plaintext and HBONE listeners there (wildcard addresses of
+//! the pod's IP families, marked, SO_REUSEPORT, transparent in tproxy mode); every connection
+//! they serve opens its sockets in that namespace too. Between the two steps captured
+//! connections are refused, never let through. A pod without a namespace is served on its
+//! own addresses in the agent's namespace (loopback mode), with no rules.
+//!
+//! Un-enrolling stops the pod's listeners, removes its rules (new connections go direct),
+//! releases its pooled HBONE connections and lets its open connections finish until the drain
+//! deadline. Stopping the agent drains
+//! every pod but leaves the rules in place: while no agent serves a pod, its captured traffic
+//! fails instead of bypassing the mesh; a restarted agent re-applies them idempotently.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use identity::Identity;
+use redirect::{InboundMode, RuleSet};
+use tokio::task::JoinSet;
+use xds::Workload;
+
+use super::{Listener, Role};
+use crate::capture::CaptureSettings;
+use crate::drain;
+use crate::enrollment::{Change, Pod};
+use crate::netns::{Home, Net, NetnsError, PodNet};
+use crate::proxy::{self, Proxy, inbound, outbound, plaintext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod {uid} is not a workload in the mesh state")]
+    NotInMesh { uid: String },
+    #[error("pod {uid}: no certificate for {identity}: {source}")]
+    Certificate {
+        uid: String,
+        identity: Identity,
+        source: Box<ca_client::Error>,
+    },
+    #[error("pod {uid}: no capture rules for its addresses: {source}")]
+    Plan {
+        uid: String,
+        source: redirect::ConfigError,
+    },
+    #[error("pod {uid}: {source}")]
+    Netns { uid: String, source: NetnsError },
+    #[error("pod {uid}: capture rules: {source}")]
+    Rules {
+        uid: String,
+        source: redirect::InstallError,
+    },
+    #[error("pod {uid}: binding {role:?} listener {addr}{where_}: {source}")]
+    Bind {
+        uid: String,
+        role: Role,
+        addr: SocketAddr,
+        where_: String,
+        source: io::Error,
+    },
+}
+
+/// Capture rules installed in one pod's namespace.
+struct Installed {
+    netns: Arc<redirect::Netns>,
+    plan: Arc<RuleSet>,
+}
+
+struct Enrolled {
+    /// The workload's addresses when enrolled: its pooled connections' source.
+    addresses: Vec<IpAddr>,
+    listeners: Vec<Listener>,
+    rules: Option<Installed>,
+    trigger: drain::Trigger,
+    tasks: JoinSet<()>,
+}
+
+pub struct Pods {
+    proxy: Arc<Proxy>,
+    capture: CaptureSettings,
+    home: Home,
+    drain_deadline: Duration,
+    enrolled: Mutex<HashMap<String, Enrolled>>,
+}
+
+impl Pods {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        capture: CaptureSettings,
+        home: Home,
+        drain_deadline: Duration,
+    ) -> Self {
+        Pods {
+            proxy,
+            capture,
+            home,
+            drain_deadline,
+            enrolled: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn enrolled(&self) -> std::sync::MutexGuard<'_, HashMap<String, Enrolled>> {
+        self.enrolled.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every listener of every enrolled pod.
+    pub fn listeners(&self) -> Vec<Listener> {
+        self.enrolled()
+            .values()
+            .flat_map(|e| e.listeners.iter().cloned())
+            .collect()
+    }
+
+    /// Acts on one change of the enrollment source; failures are logged (the pod stays
+    /// un-enrolled, its traffic uncaptured unless rules were left by an earlier agent).
+    pub async fn apply(&self, change: Change) {
+        match change {
+            Change::Enrolled(pod) => {
+                let uid = pod.uid.clone();
+                if let Err(e) = self.enroll(pod).await {
+                    tracing::error!(pod = %uid, error = %e, "enrollment failed");
+                }
+            }
+            Change::Unenrolled { uid } => {
+                self.unenroll(&uid).await;
+            }
+        }
+    }
+
+    /// Enrolls `pod` (re-enrolls it when it already is).
+    pub async fn enroll(&self, pod: Pod) -> Result<(), EnrollError> {
+        self.unenroll(&pod.uid).await;
+        let uid = pod.uid.clone();
+        let workload = self
+            .proxy
+            .state
+            .workload_by_uid(&uid)
+            .ok_or_else(|| EnrollError::NotInMesh { uid: uid.clone() })?;
+        let identity = workload.identity().clone();
+        self.proxy
+            .certs
+            .get(&identity)
+            .await
+            .map_err(|source| EnrollError::Certificate {
+                uid: uid.clone(),
+                identity,
+                source: Box::new(source),
+            })?;
+        let (net, rules) = match &pod.netns {
+            None => (Net::Host, None),
+            Some(path) => {
+                let (net, rules) = self.capture(&workload, path).await?;
+                (net, Some(rules))
+            }
+        };
+        match self.listen(&workload, &net) {
+            Ok((listeners, tasks, trigger)) => {
+                tracing::info!(
+                    pod = %uid,
+                    netns = %pod.netns.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                    listeners = listeners.len(),
+                    "pod enrolled"
+                );
+                self.enrolled().insert(
+                    uid,
+                    Enrolled {
+                        addresses: workload.addresses.clone(),
+                        listeners,
+                        rules,
+                        trigger,
+                        tasks,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(rules) = rules {
+                    self.remove_rules(&uid, rules).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies the pod's capture rules and opens its namespace.
+    async fn capture(
+        &self,
+        workload: &Workload,
+        path: &std::path::Path,
+    ) -> Result<(Net, Installed), EnrollError> {
+        let uid = &workload.uid;
+        let plan = self
+            .capture
+            .plan(workload, self.proxy.cfg.ports)
+            .map_err(|source| EnrollError::Plan {
+                uid: uid.clone(),
+                source,
+            })?;
+        let mark = plan.config().socket_mark;
+        let installed = Installed {
+            netns: Arc::new(redirect::Netns::open(path).map_err(|e| EnrollError::Rules {
+                uid: uid.clone(),
+                source: e.into(),
+            })?),
+            plan: Arc::new(plan),
+        };
+        let (netns, plan) = (installed.netns.clone(), installed.plan.clone());
+        let (backend, tools) = (self.capture.backend, self.capture.tools.clone());
+        tokio::task::spawn_blocking(move || redirect::apply(&netns, &plan, backend, &tools))
+            .await
+            .expect("applying capture rules does not panic")
+            .map_err(|source| EnrollError::Rules {
+                uid: uid.clone(),
+                source,
+            })?;
+        let pod = PodNet::open(
+            path,
+            self.home.clone(),
+            mark,
+            self.capture.inbound == InboundMode::Tproxy,
+        );
+        match pod {
+            Ok(pod) => Ok((Net::Pod(Arc::new(pod)), installed)),
+            Err(source) => {
+                self.remove_rules(uid, installed).await;
+                Err(EnrollError::Netns {
+                    uid: uid.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Opens the pod's listeners and starts serving them.
+    fn listen(
+        &self,
+        workload: &Arc<Workload>,
+        net: &Net,
+    ) -> Result<(Vec<Listener>, JoinSet<()>, drain::Trigger), EnrollError> {
+        let (trigger, watch) = drain::channel();
+        let mut tasks = JoinSet::new();
+        let mut listeners = Vec::new();
+        let ports = self.proxy.cfg.ports;
+        for ip in listen_ips(workload, net) {
+            for (role, port) in [
+                (Role::Hbone, ports.hbone),
+                (Role::Outbound, ports.outbound),
+                (Role::InboundPlaintext, ports.inbound_plaintext),
+            ] {
+                let addr = SocketAddr::new(ip, port);
+                let listener = net.listen(addr).map_err(|source| EnrollError::Bind {
+                    uid: workload.uid.clone(),
+                    role,
+                    addr,
+                    where_: net
+                        .path()
+                        .map(|p| format!(" in {}", p.display()))
+                        .unwrap_or_default(),
+                    source,
+                })?;
+                let local = listener.local_addr().unwrap_or(addr);
+                listeners.push(Listener {
+                    role,
+                    workload: Some(workload.uid.clone()),
+                    addr: local,
+                });
+                tracing::info!(role = ?role, addr = %local, workload = %workload.uid, netns = ?net.path(), "listening");
+                let (p, w, n, d) = (
+                    self.proxy.clone(),
+                    workload.clone(),
+                    net.clone(),
+                    watch.clone(),
+                );
+                match role {
+                    Role::Hbone => {
+                        tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
+                            inbound::handle(p.clone(), n.clone(), w.clone(), s, peer, d.clone())
+                        }))
+                    }
+                    Role::Outbound => {
+                        tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
+                            outbound::handle(p.clone(), n.clone(), w.clone(), s, peer)
+                        }))
+                    }
+                    Role::InboundPlaintext => {
+                        tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
+                            plaintext::handle(p.clone(), n.clone(), w.clone(), s, peer)
+                        }))
+                    }
+                    Role::Socks5 => unreachable!("not a pod listener"),
+                };
+            }
+        }
+        Ok((listeners, tasks, trigger))
+    }
+
+    /// Un-enrolls `uid`: stops its listeners, removes its rules, drains its connections.
+    /// Returns whether it was enrolled.
+    pub async fn unenroll(&self, uid: &str) -> bool {
+        let Some(mut pod) = self.enrolled().remove(uid) else {
+            return false;
+        };
+        let drain = tokio::spawn(pod.trigger.drain(self.drain_deadline));
+        for ip in &pod.addresses {
+            self.proxy.pool.forget_source(*ip);
+        }
+        let netns = pod.rules.as_ref().map(|r| r.netns.path().to_owned());
+        if let Some(rules) = pod.rules.take() {
+            self.remove_rules(uid, rules).await;
+        }
+        let outcome = drain.await.unwrap_or(drain::Outcome::Forced);
+        pod.tasks.shutdown().await;
+        tracing::info!(pod = %uid, netns = ?netns, ?outcome, "pod unenrolled");
+        true
+    }
+
+    async fn remove_rules(&self, uid: &str, rules: Installed) {
+        let (backend, tools) = (self.capture.backend, self.capture.tools.clone());
+        let removed = tokio::task::spawn_blocking(move || {
+            redirect::remove(&rules.netns, &rules.plan, backend, &tools)
+        })
+        .await
+        .expect("removing capture rules does not panic");
+        if let Err(e) = removed {
+            tracing::error!(pod = %uid, error = %e, "capture rules could not be removed");
+        }
+    }
+
+    /// Un-enrolls every pod, rules included (the demo's and tests' clean-up).
+    pub async fn unenroll_all(&self) {
+        let uids: Vec<String> = self.enrolled().keys().cloned().collect();
+        for uid in uids {
+            self.unenroll(&uid).await;
+        }
+    }
+
+    /// Agent shutdown: drains every pod's listeners and connections, leaving capture rules in
+    /// place so captured traffic fails while no agent serves it.
+    pub async fn shutdown(&self, deadline: Duration) -> drain::Outcome {
+        let pods: Vec<(String, Enrolled)> = self.enrolled().drain().collect();
+        let kept: Vec<PathBuf> = pods
+            .iter()
+            .filter_map(|(_, p)| p.rules.as_ref().map(|r| r.netns.path().to_owned()))
+            .collect();
+        let mut drains = JoinSet::new();
+        for (_, pod) in pods {
+            drains.spawn(async move {
+                let mut tasks = pod.tasks;
+                let outcome = pod.trigger.drain(deadline).await;
+                tasks.shutdown().await;
+                outcome
+            });
+        }
+        let mut outcome = drain::Outcome::Clean;
+        while let Some(done) = drains.join_next().await {
+            if done.unwrap_or(drain::Outcome::Forced) == drain::Outcome::Forced {
+                outcome = drain::Outcome::Forced;
+            }
+        }
+        if !kept.is_empty() {
+            tracing::info!(
+                netns = ?kept,
+                "capture rules left in place: traffic of these pods fails until an agent serves them again or they are un-enrolled"
+            );
+        }
+        outcome
+    }
+}
+
+/// Where a pod's listeners bind: its own addresses in the agent's namespace, or the wildcard
+/// address of each of its families inside its namespace.
+fn listen_ips(workload: &Workload, net: &Net) -> Vec<IpAddr> {
+    match net {
+        Net::Host => workload.addresses.clone(),
+        Net::Pod(_) => {
+            let mut ips = Vec::new();
+            if workload.addresses.iter().any(|a| a.is_ipv4()) {
+                ips.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            }
+            if workload.addresses.iter().any(|a| a.is_ipv6()) {
+                ips.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+            }
+            ips
+        }
+    }
+}
