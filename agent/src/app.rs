@@ -1,5 +1,6 @@
 //! Wiring and lifecycle: load the mesh, set up certificates, open every local workload's
-//! listeners, run until told to stop, then drain. The one place that spawns long-lived tasks.
+//! listeners, watch the mesh file and re-check inbound connections when it changes, run until
+//! told to stop, then drain. The one place that spawns long-lived tasks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,12 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 use ca_client::{Cache, CertificateSink, LocalCa};
 use identity::{Identity, WorkloadCertificate};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{CaSource, Config};
 use crate::drain;
 use crate::events::{ConnectionRecord, Events};
+use crate::mesh;
+use crate::proxy::authorization::{self, Registry};
 use crate::proxy::{self, Proxy, inbound, outbound, plaintext, pool::Pool, socks5};
 use crate::tls::Credentials;
 
@@ -40,6 +43,7 @@ pub struct Agent {
     listeners: Vec<Listener>,
     trigger: drain::Trigger,
     tasks: JoinSet<()>,
+    mesh_status: watch::Receiver<mesh::Status>,
 }
 
 /// The TLS side learns of new and renewed certificates through the CA client's sink.
@@ -61,6 +65,9 @@ impl CertificateSink for TlsSink {
 /// Loads everything, opens the listeners and returns the running agent. Every problem in the
 /// configuration is an error here, before anything is served.
 pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
+    // Before the load: an edit racing the start is then seen as a change.
+    let watcher = mesh::Watcher::new(&cfg.mesh_file);
+    let mesh_status = watcher.status();
     let mesh = xds::local::load(&cfg.mesh_file)?;
     let state = xds::Store::new(mesh.into_state());
     let ca = match &cfg.ca.source {
@@ -90,9 +97,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         creds,
         certs,
         events: Events::default(),
+        live_inbound: Arc::new(Registry::default()),
     });
     let (trigger, watch) = drain::channel();
     let mut tasks = JoinSet::new();
+    // Neither holds a drain watch: they run until the agent's tasks are shut down.
+    tasks.spawn(authorization::recheck_on_change(
+        proxy.live_inbound.clone(),
+        proxy.state.clone(),
+    ));
+    match cfg.mesh_poll {
+        Some(interval) => {
+            tasks.spawn(watcher.run(proxy.state.clone(), node.clone(), interval));
+        }
+        None => drop(watcher),
+    }
     let mut listeners = Vec::new();
     let ports = proxy.cfg.ports;
     for w in local {
@@ -155,6 +174,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         listeners,
         trigger,
         tasks,
+        mesh_status,
     })
 }
 
@@ -173,6 +193,16 @@ impl Agent {
 
     pub fn pool(&self) -> &Pool {
         &self.proxy.pool
+    }
+
+    /// Reloads of the mesh file so far.
+    pub fn mesh_status(&self) -> watch::Receiver<mesh::Status> {
+        self.mesh_status.clone()
+    }
+
+    /// Inbound connections open now.
+    pub fn live_inbound(&self) -> usize {
+        self.proxy.live_inbound.len()
     }
 
     /// Every connection's record as it ends.

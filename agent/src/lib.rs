@@ -12,5 +12,6 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod events;
+pub mod mesh;
 pub mod proxy;
 pub mod tls;

@@ -5,9 +5,11 @@
 //! - 15006 inbound plaintext ([`plaintext`]): clients outside the mesh → the workload;
 //! - 15008 inbound HBONE ([`inbound`]): tunnels from peer agents → the workload.
 //!
+//! Inbound connections of both kinds are authorized and tracked by [`authorization`].
 //! An optional SOCKS5 listener ([`socks5`]) enters the same outbound path without capture.
 //! Each server is a function of its listener and a drain [`Watch`](crate::drain::Watch).
 
+pub mod authorization;
 pub mod copy;
 pub mod headers;
 pub mod inbound;
@@ -44,6 +46,8 @@ pub struct Proxy {
     pub certs: ca_client::Cache,
     pub pool: pool::Pool,
     pub events: Events,
+    /// Live inbound connections, re-checked when policies change.
+    pub live_inbound: Arc<authorization::Registry>,
 }
 
 impl Proxy {
