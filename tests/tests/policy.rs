@@ -10,7 +10,6 @@ use std::time::Duration;
 use agent::events::Direction;
 use agent::mesh::Status;
 use agent::tls::{self, Credentials};
-use bytes::Bytes;
 use ca_client::LocalCa;
 use http::{Method, Request, StatusCode};
 use identity::Identity;
