@@ -108,6 +108,7 @@ impl fmt::Debug for Store {
             f.debug_struct("Store")
                 .field("workloads", &s.workloads().count())
                 .field("services", &s.services().count())
+                .field("policies", &s.policies().len())
                 .finish()
         })
     }
