@@ -1,6 +1,7 @@
 //! Wiring and lifecycle: load the mesh, set up certificates, enroll this node's pods (capture
-//! rules and listeners, [`pods`]) from the enrollment source, run until told to stop, then
-//! drain. SIGHUP re-reads the mesh file. The one place that spawns long-lived tasks.
+//! rules and listeners, [`pods`]) from the enrollment source, watch the mesh file (polled, and
+//! on SIGHUP) and re-check inbound connections when it changes, run until told to stop, then
+//! drain. The one place that spawns long-lived tasks.
 
 pub mod pods;
 
@@ -20,7 +21,9 @@ use crate::drain;
 use crate::enrollment::Source;
 use crate::enrollment::mesh::MeshSource;
 use crate::events::{ConnectionRecord, Events};
+use crate::mesh;
 use crate::netns::Home;
+use crate::proxy::authorization::{self, Registry};
 use crate::proxy::{self, Proxy, pool::Pool, socks5};
 use crate::tls::Credentials;
 use pods::Pods;
@@ -49,10 +52,10 @@ pub struct Agent {
     /// Listeners that belong to no pod (SOCKS5).
     own: Vec<Listener>,
     mesh_file: PathBuf,
-    reloads: watch::Sender<u64>,
     enrollment: tokio::task::JoinHandle<()>,
     trigger: drain::Trigger,
     tasks: JoinSet<()>,
+    mesh_status: watch::Receiver<mesh::Status>,
 }
 
 /// The TLS side learns of new and renewed certificates through the CA client's sink.
@@ -75,6 +78,9 @@ impl CertificateSink for TlsSink {
 /// running agent. Every problem in the configuration or with a pod present at start is an
 /// error here, before anything is served.
 pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
+    // Before the load: an edit racing the start is then seen as a change.
+    let watcher = mesh::Watcher::new(&cfg.mesh_file);
+    let mesh_status = watcher.status();
     let mesh = xds::local::load(&cfg.mesh_file)?;
     let state = xds::Store::new(mesh.into_state());
     let ca = match &cfg.ca.source {
@@ -104,6 +110,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         creds,
         certs,
         events: Events::default(),
+        live_inbound: Arc::new(Registry::default()),
     });
     let home = Home::current()?;
     let pods = Arc::new(Pods::new(
@@ -112,8 +119,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         home,
         cfg.drain_deadline,
     ));
-    let (reloads, reloads_rx) = watch::channel(0u64);
-    let mut source = MeshSource::new(state, node, reloads_rx);
+    let mut source = MeshSource::new(state, node.clone());
     let initial = source.initial().await?;
     for pod in initial {
         if let Err(e) = pods.enroll(pod).await {
@@ -132,6 +138,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     let (trigger, watch) = drain::channel();
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy.pool.reaper());
+    // Neither holds a drain watch: they run until the agent's tasks are shut down.
+    tasks.spawn(authorization::recheck_on_change(
+        proxy.live_inbound.clone(),
+        proxy.state.clone(),
+    ));
+    match cfg.mesh_poll {
+        Some(interval) => {
+            tasks.spawn(watcher.run(proxy.state.clone(), interval));
+        }
+        None => drop(watcher),
+    }
     let mut own = Vec::new();
     if let Some(addr) = cfg.socks5 {
         let listener =
@@ -153,10 +170,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         pods,
         own,
         mesh_file: cfg.mesh_file,
-        reloads,
         enrollment,
         trigger,
         tasks,
+        mesh_status,
     })
 }
 
@@ -180,6 +197,16 @@ impl Agent {
         &self.proxy.pool
     }
 
+    /// Reloads of the mesh file so far.
+    pub fn mesh_status(&self) -> watch::Receiver<mesh::Status> {
+        self.mesh_status.clone()
+    }
+
+    /// Inbound connections open now.
+    pub fn live_inbound(&self) -> usize {
+        self.proxy.live_inbound.len()
+    }
+
     /// Every connection's record as it ends.
     pub fn events(&self) -> broadcast::Receiver<ConnectionRecord> {
         self.proxy.events.subscribe()
@@ -189,8 +216,8 @@ impl Agent {
     /// un-enrolled by the enrollment task. A file with errors changes nothing.
     pub fn reload(&self) -> anyhow::Result<()> {
         let mesh = xds::local::load(&self.mesh_file)?;
+        // The enrollment source and the policy re-check follow the store's change notice.
         drop(self.proxy.state.replace(mesh.into_state()));
-        self.reloads.send_modify(|generation| *generation += 1);
         tracing::info!(file = %self.mesh_file.display(), "mesh file reloaded");
         Ok(())
     }

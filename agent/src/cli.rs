@@ -65,9 +65,12 @@ pub enum CaCommand {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The local mesh file (workloads, services).
+    /// The local mesh file (workloads, services, authorization policies).
     #[arg(long, env = "MESH_FILE")]
     pub mesh: PathBuf,
+    /// How often to check the mesh file for changes and apply them (0s: never).
+    #[arg(long, env = "MESH_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub mesh_poll_interval: Duration,
     /// This node's name: the agent serves the workloads whose `node` is this.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
@@ -151,6 +154,7 @@ impl RunArgs {
         let defaults = H2Config::default();
         Ok(Config {
             mesh_file: self.mesh,
+            mesh_poll: Some(self.mesh_poll_interval).filter(|d| !d.is_zero()),
             ca: CaConfig {
                 source,
                 cert_ttl: self.cert_ttl,
@@ -213,6 +217,9 @@ mod tests {
         assert_eq!(cfg.socks5, Some("127.0.0.1:1080".parse().unwrap()));
         assert_eq!(cfg.proxy.pool.max_streams, 100);
         assert_eq!(cfg.ca.cert_ttl, Duration::from_secs(86400));
+        assert_eq!(cfg.mesh_poll, Some(Duration::from_secs(1)));
+        let off = run(&["--mesh", "m", "--node", "n", "--mesh-poll-interval", "0s"]).unwrap();
+        assert_eq!(off.mesh_poll, None);
         assert!(matches!(cfg.ca.source, CaSource::Dir(_)));
         assert_eq!(cfg.capture.backend, redirect::Backend::Iptables);
         assert_eq!(cfg.capture.inbound, redirect::InboundMode::Redirect);

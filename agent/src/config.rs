@@ -99,6 +99,8 @@ pub struct CaConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub mesh_file: PathBuf,
+    /// How often the mesh file is checked for changes; `None`: loaded once at start.
+    pub mesh_poll: Option<Duration>,
     pub ca: CaConfig,
     /// SOCKS5 listener (off by default); enters the outbound path without capture.
     pub socks5: Option<SocketAddr>,

@@ -34,6 +34,7 @@ const SERVICE_ADDR: &str = "127.0.10.1:80";
 pub fn agent_config(dir: &Path, node: &str) -> Config {
     Config {
         mesh_file: dir.join("mesh.yaml"),
+        mesh_poll: None,
         ca: CaConfig {
             source: CaSource::Dir(dir.join("ca")),
             cert_ttl: Duration::from_secs(3600),

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod drain;
 pub mod enrollment;
 pub mod events;
+pub mod mesh;
 pub mod netns;
 pub mod proxy;
 pub mod tls;

@@ -9,9 +9,12 @@
 //! Every connection's sockets are created in the workload's [`Net`]; inbound connections reach
 //! the application through [`delivery`].
 //!
+//! Inbound connections of both kinds are authorized and tracked by [`authorization`].
+//!
 //! An optional SOCKS5 listener ([`socks5`]) enters the same outbound path without capture.
 //! Each server is a function of its listener and a drain [`Watch`](crate::drain::Watch).
 
+pub mod authorization;
 pub mod copy;
 pub mod delivery;
 pub mod headers;
@@ -50,6 +53,8 @@ pub struct Proxy {
     pub certs: ca_client::Cache,
     pub pool: pool::Pool,
     pub events: Events,
+    /// Live inbound connections, re-checked when policies change.
+    pub live_inbound: Arc<authorization::Registry>,
 }
 
 impl Proxy {

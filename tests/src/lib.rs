@@ -106,6 +106,8 @@ workloads:
 pub fn config(mesh: &Path, ca_dir: &Path, node: &str) -> Config {
     Config {
         mesh_file: mesh.to_owned(),
+        // Fast, so tests that edit a mesh file wait little.
+        mesh_poll: Some(Duration::from_millis(100)),
         ca: CaConfig {
             source: CaSource::Dir(ca_dir.to_owned()),
             cert_ttl: Duration::from_secs(3600),

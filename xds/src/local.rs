@@ -1,5 +1,6 @@
-//! The local mesh file: workloads and services in YAML, with Istio's field
-//! names in camelCase, for running without a control plane.
+//! The local mesh file: workloads, services and authorization policies in
+//! YAML, with Istio's field names in camelCase, for running without a
+//! control plane.
 //!
 //! [`parse`] and [`load`] turn the text into a validated [`Mesh`] or an
 //! error naming the file, the field and the problem; [`Mesh::into_state`]
@@ -7,6 +8,7 @@
 //! `schema`; this module checks entries against each other.
 
 mod error;
+mod policies;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +20,7 @@ use serde_saphyr::Spanned;
 
 pub use error::{Invalid, LoadError, Position, Problem};
 
+use crate::policy::Policy;
 use crate::service::{NetworkAddress, Port, Service, service_key};
 use crate::state::State;
 use crate::workload::Workload;
@@ -28,6 +31,7 @@ use error::key_segment;
 pub struct Mesh {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
 }
 
 impl Mesh {
@@ -45,6 +49,9 @@ impl From<Mesh> for State {
         for workload in mesh.workloads {
             state.upsert_workload(workload);
         }
+        for policy in mesh.policies {
+            state.policies_mut().upsert(policy);
+        }
         state
     }
 }
@@ -61,7 +68,7 @@ pub fn load(path: &Path) -> Result<Mesh, LoadError> {
     })?;
     tracing::debug!(
         path = %path.display(), workloads = mesh.workloads.len(), services = mesh.services.len(),
-        "loaded mesh file"
+        policies = mesh.policies.len(), "loaded mesh file"
     );
     Ok(mesh)
 }
@@ -75,9 +82,11 @@ fn parse_text(text: &str) -> Result<Mesh, Box<Invalid>> {
     let file = read(text)?;
     let mut mesh = Mesh::default();
     let services = Services::check(file.services.unwrap_or_default(), &mut mesh.services)?;
+    let policies = policies::Seen::check(file.policies.unwrap_or_default(), &mut mesh.policies)?;
     Workloads::check(
         file.workloads.unwrap_or_default(),
         &services,
+        &policies,
         &mut mesh.workloads,
     )?;
     Ok(mesh)
@@ -175,6 +184,7 @@ impl Services {
 /// The workloads seen so far, to check uids and addresses against.
 struct Workloads<'a> {
     services: &'a Services,
+    policies: &'a policies::Seen,
     /// Uid → index in the file.
     uids: HashMap<String, usize>,
     /// `(network, IP)` → owner's uid and field path.
@@ -185,10 +195,12 @@ impl<'a> Workloads<'a> {
     fn check(
         entries: Vec<Spanned<schema::WorkloadEntry>>,
         services: &'a Services,
+        policies: &'a policies::Seen,
         out: &mut Vec<Workload>,
     ) -> Result<(), Box<Invalid>> {
         let mut seen = Workloads {
             services,
+            policies,
             uids: HashMap::new(),
             ips: HashMap::new(),
         };
@@ -224,6 +236,15 @@ impl<'a> Workloads<'a> {
         workload.tunnel_protocol = w.tunnel_protocol.into();
         workload.status = w.status.into();
         workload.services = services;
+        for (j, key) in w.authorization_policies.iter().enumerate() {
+            self.policies.reference(key).map_err(|problem| {
+                Invalid::new(
+                    format!("{field}.authorizationPolicies[{j}]"),
+                    entry_at,
+                    problem,
+                )
+            })?;
+        }
         workload.authorization_policies = w.authorization_policies;
         workload.netns = w.netns.map(|p| p.value.into());
         Ok(workload)

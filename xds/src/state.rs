@@ -1,5 +1,6 @@
 //! The mesh state and its indexes: workloads by uid, by `(network, IP)` and
-//! by node; services by key and by VIP; endpoints by service.
+//! by node; services by key and by VIP; endpoints by service; authorization
+//! policies (indexed in `policy`).
 //!
 //! Sources (the local file, later xDS) upsert and remove single resources by
 //! name and the indexes follow; the proxy resolves destinations here. The
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use identity::Identity;
 use rand::Rng;
 
+use crate::policy::Policies;
 use crate::service::Service;
 use crate::workload::Workload;
 
@@ -65,6 +67,7 @@ pub struct State {
     /// Service key → uid → workload. Kept also for services not (yet)
     /// known: xDS may deliver a workload before the service it backs.
     endpoints: HashMap<String, BTreeMap<String, Arc<Workload>>>,
+    policies: Policies,
 }
 
 impl State {
@@ -120,6 +123,15 @@ impl State {
         let old = self.services.remove(key)?;
         self.unindex_service(key, &old);
         Some(old)
+    }
+
+    /// Authorization policies, indexed by where they apply.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    pub fn policies_mut(&mut self) -> &mut Policies {
+        &mut self.policies
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {

@@ -4,27 +4,45 @@
 //! Access goes through closures so a lock guard can never be held across an
 //! `.await`; critical sections are look-ups or single upserts. A whole new
 //! state (a reloaded mesh file) is built outside the lock and swapped in.
-//! Change notification is left to the xDS work that needs it.
+//! Every write bumps a generation that [`Store::subscribe`] watches, so the
+//! proxy can re-check what it decided from the old state.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
 
 use crate::service::Service;
 use crate::state::{Destination, State};
 use crate::workload::Workload;
 
 /// Cheap to clone; all clones see the same state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Store {
     state: Arc<RwLock<State>>,
+    /// Count of writes so far.
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(State::default())
+    }
 }
 
 impl Store {
     pub fn new(state: State) -> Self {
         Self {
             state: Arc::new(RwLock::new(state)),
+            generation: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    /// Changes whenever the state was written; a slow receiver sees only the latest value,
+    /// so bursts of writes coalesce.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Runs `f` with the state read-locked. Keep `f` short: writers wait.
@@ -37,8 +55,13 @@ impl Store {
 
     /// Runs `f` with the state write-locked, e.g. to apply one xDS update.
     pub fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        f(&mut state)
+        let result = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            f(&mut state)
+        };
+        // After the lock is released: a woken receiver reads the new state.
+        self.generation.send_modify(|g| *g += 1);
+        result
     }
 
     /// Swaps in a whole new state; returns the old one, so it is dropped
@@ -85,6 +108,7 @@ impl fmt::Debug for Store {
             f.debug_struct("Store")
                 .field("workloads", &s.workloads().count())
                 .field("services", &s.services().count())
+                .field("policies", &s.policies().len())
                 .finish()
         })
     }
@@ -116,6 +140,19 @@ mod tests {
         assert!(reader.workload_by_uid("demo/a").is_none());
         assert!(reader.workload_by_ip("", ip).is_none());
         assert!(reader.workload_by_uid("demo/b").is_some());
+    }
+
+    #[test]
+    fn every_write_is_announced_to_subscribers() {
+        let store = Store::default();
+        let mut rx = store.subscribe();
+        assert!(!rx.has_changed().unwrap());
+        store.update(|s| s.upsert_workload(workload("demo/a", [127, 0, 0, 2])));
+        assert!(rx.has_changed().unwrap());
+        let first = *rx.borrow_and_update();
+        store.replace(State::new());
+        assert!(rx.has_changed().unwrap());
+        assert!(*rx.borrow_and_update() > first);
     }
 
     #[test]

@@ -68,7 +68,9 @@ workloads:
         ports: [{{servicePort: 80, targetPort: 9090}}, {{servicePort: 81}}]
     authorizationPolicies: [demo/allow-client]
     netns: /var/run/netns/pod-b
-{}",
+{}policies:
+  - {{name: allow-client, namespace: demo, scope: WORKLOAD_SELECTOR}}
+",
         workload("plain", "127.0.0.4")
     );
     let mesh = local::parse(&text).unwrap();
@@ -238,9 +240,9 @@ fn invalid_cases() -> Vec<Case> {
         ),
         case(
             "unknown top-level field",
-            "policies: []\n",
-            "policies",
-            &["unknown field `policies`"],
+            "policy: []\n",
+            "policy",
+            &["unknown field `policy`", "policies"],
         ),
         case(
             "unknown workload field",

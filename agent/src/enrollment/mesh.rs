@@ -1,6 +1,6 @@
 //! Static enrollment from the mesh state: every workload whose `node` is this node is
-//! enrolled, in the namespace its `netns` names (local mode's mesh file). When the state is
-//! reloaded (SIGHUP), the difference to what was reported becomes changes: a workload gone
+//! enrolled, in the namespace its `netns` names (local mode's mesh file). When the state
+//! changes (the mesh file reloaded), the difference to what was reported becomes changes: a workload gone
 //! from this node is un-enrolled, a new one enrolled, one whose netns changed is both.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -13,18 +13,18 @@ use super::{BoxFuture, Change, Pod, Source, SourceError};
 pub struct MeshSource {
     store: xds::Store,
     node: String,
-    /// Bumped whenever `store` was replaced.
-    reloads: watch::Receiver<u64>,
+    /// Told of every write to `store`.
+    changes: watch::Receiver<u64>,
     known: BTreeMap<String, Option<PathBuf>>,
     pending: VecDeque<Change>,
 }
 
 impl MeshSource {
-    pub fn new(store: xds::Store, node: String, reloads: watch::Receiver<u64>) -> Self {
+    pub fn new(store: xds::Store, node: String) -> Self {
         MeshSource {
+            changes: store.subscribe(),
             store,
             node,
-            reloads,
             known: BTreeMap::new(),
             pending: VecDeque::new(),
         }
@@ -65,7 +65,7 @@ pub fn diff(
 impl Source for MeshSource {
     fn initial(&mut self) -> BoxFuture<'_, Result<Vec<Pod>, SourceError>> {
         Box::pin(async move {
-            self.reloads.mark_unchanged();
+            self.changes.mark_unchanged();
             self.known = self.current();
             Ok(self
                 .known
@@ -84,7 +84,7 @@ impl Source for MeshSource {
                 if let Some(change) = self.pending.pop_front() {
                     return Some(change);
                 }
-                self.reloads.changed().await.ok()?;
+                self.changes.changed().await.ok()?;
                 let current = self.current();
                 self.pending.extend(diff(&self.known, &current));
                 self.known = current;
@@ -144,8 +144,7 @@ mod tests {
         state.upsert_workload(workload("a", "n1", Some("/n/a")));
         state.upsert_workload(workload("x", "n2", Some("/n/x")));
         let store = xds::Store::new(state);
-        let (tx, rx) = watch::channel(0);
-        let mut source = MeshSource::new(store.clone(), "n1".into(), rx);
+        let mut source = MeshSource::new(store.clone(), "n1".into());
         assert_eq!(
             source.initial().await.unwrap(),
             vec![Pod {
@@ -156,8 +155,8 @@ mod tests {
         let mut next = xds::State::new();
         next.upsert_workload(workload("b", "n1", None));
         next.upsert_workload(workload("x", "n2", Some("/n/x2")));
+        // Replacing the state is the notice.
         store.replace(next);
-        tx.send_modify(|g| *g += 1);
         assert_eq!(
             source.next().await,
             Some(Change::Unenrolled {
@@ -171,7 +170,5 @@ mod tests {
                 netns: None
             }))
         );
-        drop(tx);
-        assert_eq!(source.next().await, None);
     }
 }

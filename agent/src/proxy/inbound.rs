@@ -2,8 +2,10 @@
 //! one HTTP/2 `CONNECT` stream per tunnelled TCP connection, delivered to the workload.
 //!
 //! Status codes (hbone.md §3.2): 400 for a request that is not `CONNECT` or whose authority is
-//! not `ip:port` of this workload; 503 when the upstream connection fails; 200 only once the
-//! upstream connection is established.
+//! not `ip:port` of this workload; 401 when authorization policy denies it (decided before
+//! the upstream connect, from the TLS-verified peer identity and the TCP peer address); 503
+//! when the upstream connection fails; 200 only once the upstream connection is established.
+//! A stream that policy denies later is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use xds::Workload;
 
+use super::authorization::{self, Denied, Tracked};
 use super::{PeerAddr, Proxy, copy, delivery, headers};
 use crate::drain::Watch;
 use crate::events::{ConnectionRecord, Direction};
@@ -140,6 +143,8 @@ enum Refusal {
     },
     #[error("authority {0} is one of the agent's own ports")]
     OwnPort(SocketAddr),
+    #[error(transparent)]
+    Denied(#[from] Denied),
     #[error("connect to {addr}: {source}")]
     Upstream {
         addr: SocketAddr,
@@ -154,6 +159,7 @@ impl Refusal {
             | Refusal::BadAuthority(_)
             | Refusal::WrongAuthority { .. }
             | Refusal::OwnPort(_) => StatusCode::BAD_REQUEST,
+            Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
             Refusal::Upstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -174,7 +180,7 @@ impl Stream {
             error: None,
         };
         match self.connect(&req, rec.src.ip()).await {
-            Ok((authority, upstream)) => {
+            Ok((authority, upstream, mut tracked)) => {
                 rec.dst = authority;
                 let response = Response::builder()
                     .status(StatusCode::OK)
@@ -185,10 +191,18 @@ impl Stream {
                     .body(())
                     .expect("static response is valid");
                 match respond.send_response(response, false) {
-                    Ok(send) => match copy::tunnel(&upstream, send, req.into_body()).await {
-                        // The tunnel's client is the peer: bytes it sent are "sent".
-                        Ok(t) => (rec.received, rec.sent) = (t.a_to_b, t.b_to_a),
-                        Err(e) => rec.error = Some(e.to_string()),
+                    Ok(send) => tokio::select! {
+                        copied = copy::tunnel(&upstream, send, req.into_body()) => match copied {
+                            // The tunnel's client is the peer: bytes it sent are "sent".
+                            Ok(t) => (rec.received, rec.sent) = (t.a_to_b, t.b_to_a),
+                            Err(e) => rec.error = Some(e.to_string()),
+                        },
+                        why = tracked.revoked() => {
+                            // Dropping the tunnel's stream handles resets the stream; the
+                            // application sees a reset too.
+                            copy::reset(&upstream);
+                            rec.error = Some(format!("closed: now denied by authorization policy: {why}"));
+                        }
                     },
                     Err(e) => rec.error = Some(format!("sending 200: {e}")),
                 }
@@ -206,12 +220,13 @@ impl Stream {
         self.proxy.events.record(rec);
     }
 
-    /// Checks the request and connects to the workload, as `client` where permitted.
+    /// Checks the request and the policy, then connects to the workload, as `client` where
+    /// permitted.
     async fn connect(
         &self,
         req: &Request<RecvStream>,
         client: std::net::IpAddr,
-    ) -> Result<(SocketAddr, TcpStream), Refusal> {
+    ) -> Result<(SocketAddr, TcpStream, Tracked), Refusal> {
         if req.method() != Method::CONNECT {
             return Err(Refusal::NotConnect(req.method().clone()));
         }
@@ -228,13 +243,25 @@ impl Stream {
         if self.proxy.is_own_port(authority.port()) {
             return Err(Refusal::OwnPort(authority));
         }
+        // The TCP peer, not the `forwarded` header: a header is the client's claim.
+        let conn = xds::policy::Connection {
+            src: self.peer.0,
+            dst: authority,
+            peer: self.peer_id.clone().map(xds::policy::Peer::new),
+        };
+        let tracked = authorization::admit(
+            &self.proxy.live_inbound,
+            &self.proxy.state,
+            &self.workload.uid,
+            conn,
+        )?;
         let (upstream, _) = delivery::connect(&self.proxy, &self.net, client, authority)
             .await
             .map_err(|source| Refusal::Upstream {
                 addr: authority,
                 source,
             })?;
-        Ok((authority, upstream))
+        Ok((authority, upstream, tracked))
     }
 }
 

@@ -1,5 +1,7 @@
 //! Inbound plaintext (15006): a client outside the mesh connects to a local workload; capture
-//! redirected it here. No peer identity: authorization sees an unauthenticated client.
+//! redirected it here. No peer identity: authorization sees an unauthenticated client, decided
+//! before the upstream connect; a denied connection is reset, also when a later policy change
+//! denies it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,7 +9,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use xds::Workload;
 
-use super::{PeerAddr, Proxy, copy, delivery};
+use super::{PeerAddr, Proxy, authorization, copy, delivery};
 use crate::events::{ConnectionRecord, Direction};
 use crate::netns::Net;
 
@@ -42,12 +44,25 @@ pub async fn handle(
             workload.uid
         ))
     } else {
-        match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
-            Ok((upstream, _)) => copy::tcp(&client, &upstream)
-                .await
-                .map(|t| (rec.sent, rec.received) = (t.a_to_b, t.b_to_a))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(format!("connect to {dst}: {e}")),
+        let conn = xds::policy::Connection {
+            src: peer.0,
+            dst,
+            peer: None,
+        };
+        match authorization::admit(&proxy.live_inbound, &proxy.state, &workload.uid, conn) {
+            Err(denied) => Err(denied.to_string()),
+            Ok(mut tracked) => match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
+                Ok((upstream, _)) => tokio::select! {
+                    copied = copy::tcp(&client, &upstream) => copied
+                        .map(|t| (rec.sent, rec.received) = (t.a_to_b, t.b_to_a))
+                        .map_err(|e| e.to_string()),
+                    why = tracked.revoked() => {
+                        copy::reset(&upstream);
+                        Err(format!("closed: now denied by authorization policy: {why}"))
+                    }
+                },
+                Err(e) => Err(format!("connect to {dst}: {e}")),
+            },
         }
     };
     if let Err(e) = result {

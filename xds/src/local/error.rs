@@ -147,6 +147,26 @@ pub enum Problem {
     UnknownService { key: String },
     #[error("identity is invalid: {0}")]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::Problem),
+    #[error("authorization policy {key:?} is already defined by {first}")]
+    DuplicatePolicy { key: String, first: String },
+    #[error(
+        "a match with no fields never matches (Istio skips it); remove it, or remove the \
+         clause to match every connection"
+    )]
+    EmptyMatch,
+    #[error("authorization policy {key:?} is not defined in the file's policies")]
+    UnknownPolicy { key: String },
+    #[error(
+        "authorization policy {key:?} at {at} has scope {scope}; only WORKLOAD_SELECTOR \
+         policies are attached through authorizationPolicies"
+    )]
+    NotSelectorPolicy {
+        key: String,
+        scope: crate::policy::Scope,
+        at: String,
+    },
 }
 
 /// Turns the parser's error into ours, with the field path serde reached.

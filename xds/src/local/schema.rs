@@ -22,6 +22,8 @@ pub(super) struct File {
     pub services: Option<Vec<Spanned<ServiceEntry>>>,
     #[serde(default)]
     pub workloads: Option<Vec<Spanned<WorkloadEntry>>>,
+    #[serde(default)]
+    pub policies: Option<Vec<Spanned<super::policies::PolicyEntry>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,262 @@
+//! Authorization of inbound connections: every one is decided against the mesh's policies
+//! before its upstream connection is opened, and tracked while it lives so a policy change
+//! that now denies it closes it.
+//!
+//! The decision itself is `xds::policy` (pure); this module logs what dry-run policies would
+//! have done, keeps the [`Registry`] of live inbound connections, and re-checks them
+//! ([`recheck_on_change`]) whenever the [`xds::Store`] announces a write. A connection is
+//! registered before its first check, so a change landing between the check and the
+//! registration cannot be missed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+use xds::policy::{Connection, Decision, Reason};
+
+/// Every live inbound connection, by id.
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Entry>>>,
+}
+
+struct Entry {
+    workload: String,
+    conn: Connection,
+    /// Set once, with the reason, when a re-check denies the connection.
+    revoked: watch::Sender<Option<Arc<str>>>,
+}
+
+/// One connection's place in the [`Registry`]; dropping it forgets the connection.
+pub struct Tracked {
+    id: u64,
+    registry: Arc<Registry>,
+    revoked: watch::Receiver<Option<Arc<str>>>,
+}
+
+impl Registry {
+    /// Registers a connection to the local workload `workload` (its uid).
+    pub fn track(self: &Arc<Self>, workload: &str, conn: Connection) -> Tracked {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        let entry = Arc::new(Entry {
+            workload: workload.to_owned(),
+            conn,
+            revoked: tx,
+        });
+        self.lock().insert(id, entry);
+        Tracked {
+            id,
+            registry: self.clone(),
+            revoked: rx,
+        }
+    }
+
+    /// Live connections.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides every live connection again against `store` as it is now, and revokes those
+    /// now denied (their tasks close them). Returns how many were revoked.
+    pub fn recheck(&self, store: &xds::Store) -> usize {
+        // Decide outside the registry lock, one state read per connection, so neither new
+        // connections nor state writers wait for the whole sweep.
+        let entries: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        let mut revoked = 0;
+        for entry in entries {
+            if entry.revoked.borrow().is_some() {
+                continue;
+            }
+            let decision = store.read(|s| s.authorize(&entry.workload, &entry.conn));
+            log_dry_run(&entry.workload, &entry.conn, &decision);
+            if !decision.is_allowed() {
+                let why: Arc<str> = decision.reason.to_string().into();
+                tracing::warn!(
+                    workload = %entry.workload, src = %entry.conn.src, dst = %entry.conn.dst,
+                    peer_identity = %peer(&entry.conn), reason = %why,
+                    "open connection now denied by policy; closing it"
+                );
+                entry.revoked.send_replace(Some(why));
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+        // The map stays consistent across a panic: every critical section is one call.
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Tracked {
+    /// Resolves, with the reason, once a policy change denies this connection.
+    pub async fn revoked(&mut self) -> Arc<str> {
+        let why = match self.revoked.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            // The sender lives in the registry as long as this guard: unreachable.
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+/// Decides `conn` to the local workload `workload` (its uid) as the mesh is now; logs what
+/// dry-run policies would have done.
+pub fn authorize(store: &xds::Store, workload: &str, conn: &Connection) -> Decision {
+    let decision = store.read(|s| s.authorize(workload, conn));
+    log_dry_run(workload, conn, &decision);
+    decision
+}
+
+fn log_dry_run(workload: &str, conn: &Connection, decision: &Decision) {
+    for dry in &decision.dry_run {
+        tracing::info!(
+            workload = %workload, src = %conn.src, dst = %conn.dst, peer_identity = %peer(conn),
+            enforced = %if decision.is_allowed() { "allow" } else { "deny" },
+            "{dry}"
+        );
+    }
+}
+
+fn peer(conn: &Connection) -> String {
+    conn.peer
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |p| p.identity().to_string())
+}
+
+/// Why an inbound connection was refused by policy.
+#[derive(Debug, thiserror::Error)]
+#[error("denied by authorization policy: {0}")]
+pub struct Denied(pub Reason);
+
+/// Decides and tracks a new inbound connection: the guard while it is allowed.
+pub fn admit(
+    registry: &Arc<Registry>,
+    store: &xds::Store,
+    workload: &str,
+    conn: Connection,
+) -> Result<Tracked, Denied> {
+    let tracked = registry.track(workload, conn.clone());
+    let decision = authorize(store, workload, &conn);
+    if decision.is_allowed() {
+        Ok(tracked)
+    } else {
+        Err(Denied(decision.reason))
+    }
+}
+
+/// Re-checks every live inbound connection each time `store` announces a write, until the
+/// store is dropped. Writes that come faster than a sweep coalesce into one.
+/// Subscribes at once (not when first polled), so no write after this call is missed.
+pub fn recheck_on_change(
+    registry: Arc<Registry>,
+    store: xds::Store,
+) -> impl Future<Output = ()> + Send + 'static {
+    let mut changes = store.subscribe();
+    async move {
+        while changes.changed().await.is_ok() {
+            changes.mark_unchanged();
+            let live = registry.len();
+            let revoked = registry.recheck(&store);
+            tracing::debug!(
+                live,
+                revoked,
+                "inbound connections re-checked after a mesh change"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use identity::Identity;
+    use xds::policy::{Action, Peer, Policy, Rule, Scope};
+    use xds::{State, Workload};
+
+    fn store() -> xds::Store {
+        let id = Identity::new("cluster.local", "demo", "echo").unwrap();
+        let mut state = State::new();
+        state.upsert_workload(Workload::new("demo/echo", "echo", id));
+        xds::Store::new(state)
+    }
+
+    fn conn(sa: &str) -> Connection {
+        Connection {
+            src: "198.18.0.2:40000".parse().unwrap(),
+            dst: "198.18.1.3:8080".parse().unwrap(),
+            peer: Some(Peer::new(
+                Identity::new("cluster.local", "demo", sa).unwrap(),
+            )),
+        }
+    }
+
+    fn deny(sa: &str) -> Policy {
+        let mut p = Policy::new("demo", format!("deny-{sa}"), Scope::Namespace, Action::Deny);
+        p.rules.push(Rule {
+            clauses: vec![xds::policy::Clause {
+                matches: vec![xds::policy::Match {
+                    service_accounts: vec![xds::policy::ServiceAccountMatch {
+                        namespace: "demo".into(),
+                        service_account: sa.into(),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        });
+        p
+    }
+
+    #[tokio::test]
+    async fn a_change_revokes_exactly_the_connections_it_now_denies() {
+        let store = store();
+        let registry = Arc::new(Registry::default());
+        let task = tokio::spawn(recheck_on_change(registry.clone(), store.clone()));
+        let mut a = admit(&registry, &store, "demo/echo", conn("a")).unwrap();
+        let mut b = admit(&registry, &store, "demo/echo", conn("b")).unwrap();
+        assert_eq!(registry.len(), 2);
+
+        store.update(|s| s.policies_mut().upsert(deny("a")));
+        let why = tokio::time::timeout(std::time::Duration::from_secs(10), a.revoked())
+            .await
+            .expect("a is revoked");
+        assert!(why.contains("DENY policy demo/deny-a matched"), "{why}");
+        // b is still allowed: a further sweep leaves it alone.
+        assert_eq!(registry.recheck(&store), 0);
+        assert!(b.revoked.borrow().is_none());
+        // New connections of a are refused up front, and not left in the registry.
+        let Err(Denied(reason)) = admit(&registry, &store, "demo/echo", conn("a")) else {
+            panic!("a must be denied");
+        };
+        assert!(matches!(reason, Reason::Denied { .. }), "{reason:?}");
+        assert_eq!(registry.len(), 2);
+        drop(a);
+        assert_eq!(registry.len(), 1);
+        // The workload leaving the mesh denies what is open to it.
+        store.update(|s| s.remove_workload("demo/echo"));
+        let why = tokio::time::timeout(std::time::Duration::from_secs(10), b.revoked())
+            .await
+            .expect("b is revoked");
+        assert!(why.contains("not in the mesh"), "{why}");
+        drop(b);
+        assert!(registry.is_empty());
+        task.abort();
+    }
+}
