@@ -9,6 +9,7 @@
 //! these. Sockets, TLS and the proxy itself belong to the agent.
 
 pub mod local;
+pub mod proto;
 mod service;
 mod state;
 mod store;
