@@ -53,6 +53,8 @@ pub enum IssueError {
     Sign(#[source] rcgen::Error),
     #[error("the CSR is invalid: {0}")]
     Csr(String),
+    #[error("the name cannot go in a certificate: {0}")]
+    Name(String),
 }
 
 /// A CA that signs workload certificates with a key it holds.
@@ -189,13 +191,48 @@ impl LocalCa {
         })
     }
 
+    /// Issues a TLS server certificate (for a control plane's serving port) naming `names`, each a
+    /// DNS name or an IP address, with a fresh ECDSA P-256 key. Returns the chain to present
+    /// (leaf, then intermediates) and the key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        validity: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IssueError> {
+        if names.is_empty() {
+            return Err(IssueError::Name("no name to certify".into()));
+        }
+        let sans = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => name
+                    .clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e: rcgen::Error| IssueError::Name(format!("{name:?}: {e}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(IssueError::Key)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (leaf, _, _) = self.sign_params(params, &key, validity)?;
+        let mut chain = vec![leaf];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
     fn sign(
         &self,
         public_key: &impl PublicKeyData,
         identity: &Identity,
         validity: Duration,
     ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime), IssueError> {
-        let (not_before, not_after) = self.leaf_window(validity)?;
         let uri = identity
             .to_string()
             .try_into()
@@ -204,14 +241,25 @@ impl LocalCa {
         // Istio's leaves have an empty subject; rcgen then marks the SAN critical (RFC 5280).
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(uri)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.sign_params(params, public_key, validity)
+    }
+
+    /// Signs a leaf with `params`' names and extended key usages.
+    fn sign_params(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl PublicKeyData,
+        validity: Duration,
+    ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime), IssueError> {
+        let (not_before, not_after) = self.leaf_window(validity)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
