@@ -8,6 +8,9 @@
 //! authorization policies will join as further sources and state beside
 //! these. Sockets, TLS and the proxy itself belong to the agent.
 
+pub mod address;
+pub mod client;
+pub mod handler;
 pub mod local;
 pub mod proto;
 mod service;
@@ -18,4 +21,4 @@ mod workload;
 pub use service::{NetworkAddress, Port, Service, service_key};
 pub use state::{Destination, State};
 pub use store::Store;
-pub use workload::{TunnelProtocol, Workload, WorkloadStatus};
+pub use workload::{DEFAULT_CLUSTER_ID, TunnelProtocol, Workload, WorkloadStatus};

@@ -4,27 +4,44 @@
 //! Access goes through closures so a lock guard can never be held across an
 //! `.await`; critical sections are look-ups or single upserts. A whole new
 //! state (a reloaded mesh file) is built outside the lock and swapped in.
-//! Change notification is left to the xDS work that needs it.
+//! Every write bumps a generation counter that [`Store::subscribe`] watches,
+//! so the agent can react to workloads appearing or going.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
 
 use crate::service::Service;
 use crate::state::{Destination, State};
 use crate::workload::Workload;
 
 /// Cheap to clone; all clones see the same state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Store {
     state: Arc<RwLock<State>>,
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(State::default())
+    }
 }
 
 impl Store {
     pub fn new(state: State) -> Self {
         Self {
             state: Arc::new(RwLock::new(state)),
+            generation: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    /// A receiver that sees the generation change after every write
+    /// ([`Store::update`], [`Store::replace`]).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Runs `f` with the state read-locked. Keep `f` short: writers wait.
@@ -35,10 +52,15 @@ impl Store {
         f(&state)
     }
 
-    /// Runs `f` with the state write-locked, e.g. to apply one xDS update.
+    /// Runs `f` with the state write-locked, e.g. to apply one xDS update,
+    /// then notifies subscribers.
     pub fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        f(&mut state)
+        let result = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            f(&mut state)
+        };
+        self.generation.send_modify(|g| *g += 1);
+        result
     }
 
     /// Swaps in a whole new state; returns the old one, so it is dropped
@@ -116,6 +138,19 @@ mod tests {
         assert!(reader.workload_by_uid("demo/a").is_none());
         assert!(reader.workload_by_ip("", ip).is_none());
         assert!(reader.workload_by_uid("demo/b").is_some());
+    }
+
+    #[test]
+    fn every_write_bumps_the_generation_subscribers_see() {
+        let store = Store::default();
+        let mut changes = store.subscribe();
+        assert!(!changes.has_changed().unwrap());
+        store.update(|s| s.upsert_workload(workload("demo/a", [127, 0, 0, 2])));
+        assert!(changes.has_changed().unwrap());
+        let first = *changes.borrow_and_update();
+        store.replace(State::new());
+        assert!(changes.has_changed().unwrap());
+        assert!(*changes.borrow_and_update() > first);
     }
 
     #[test]
