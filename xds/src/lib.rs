@@ -10,9 +10,13 @@
 
 pub mod address;
 pub mod client;
+pub mod connection;
+#[cfg(feature = "testing")]
+pub mod fake;
 pub mod handler;
 pub mod local;
 pub mod proto;
+pub mod server;
 mod service;
 mod state;
 mod store;
