@@ -20,7 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::client::MAX_MESSAGE_SIZE;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-    aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
 };
 
 /// How long any wait of the fake lasts before the test fails.
@@ -37,7 +39,10 @@ pub struct Seen {
 
 #[derive(Default)]
 struct Script {
-    streams: Vec<(u64, mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, Status>>)>,
+    streams: Vec<(
+        u64,
+        mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, Status>>,
+    )>,
     opened: u64,
     refuse: Vec<Status>,
     delay: Option<Duration>,
@@ -58,7 +63,15 @@ pub struct Fake {
 impl Fake {
     /// Starts on a fresh port of 127.0.0.1.
     pub async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), tls).await
+    }
+
+    /// Starts on `addr` (a loopback address, port 0 for any).
+    pub async fn start_at(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let mut fake = Self {
             addr: listener.local_addr()?,
@@ -125,6 +138,14 @@ impl Fake {
             .expect("the fake's request channel closed")
     }
 
+    /// The next request if one arrives within `wait`.
+    pub async fn try_next_request(&mut self, wait: Duration) -> Option<Seen> {
+        tokio::time::timeout(wait, self.seen.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Requests until one answers `nonce`; returns it (`error_detail` set
     /// means NACK). Other requests are dropped.
     pub async fn reply_to(&mut self, nonce: &str) -> Seen {
@@ -139,7 +160,14 @@ impl Fake {
     /// Waits until `n` streams are open.
     pub async fn wait_streams(&self, n: usize) {
         let wait = async {
-            while self.lock().streams.iter().filter(|(_, s)| !s.is_closed()).count() < n {
+            while self
+                .lock()
+                .streams
+                .iter()
+                .filter(|(_, s)| !s.is_closed())
+                .count()
+                < n
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };

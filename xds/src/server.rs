@@ -24,7 +24,9 @@ use crate::address::{encode_service, encode_workload};
 use crate::client::MAX_MESSAGE_SIZE;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-    aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
 };
 use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use crate::state::State;
@@ -53,8 +55,14 @@ impl Snapshot {
     /// resources, and an empty `istio.security.Authorization` type.
     pub fn from_state(state: &State) -> Self {
         let mut snapshot = Self::new();
-        snapshot.types.entry(AUTHORIZATION_TYPE_URL.to_owned()).or_default();
-        snapshot.types.entry(ADDRESS_TYPE_URL.to_owned()).or_default();
+        snapshot
+            .types
+            .entry(AUTHORIZATION_TYPE_URL.to_owned())
+            .or_default();
+        snapshot
+            .types
+            .entry(ADDRESS_TYPE_URL.to_owned())
+            .or_default();
         for w in state.workloads() {
             snapshot.insert(ADDRESS_TYPE_URL, w.uid.clone(), &encode_workload(w));
         }
