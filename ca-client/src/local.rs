@@ -34,7 +34,7 @@ pub use files::{CaFiles, LoadError, ROOT_CERT, ROOT_KEY};
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How far a leaf's `not_before` is set in the past, so that peers whose clocks are a little
-/// behind accept it at once.
+/// behind accept it at once (at most a tenth of the leaf's validity).
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// Lifetime of a root generated here: long, since replacing it means re-trusting every agent.
@@ -206,6 +206,9 @@ impl LocalCa {
             .iter()
             .map(|name| match name.parse::<std::net::IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() => Err(
+                    IssueError::Name(format!("{name:?} is neither a DNS name nor an IP address")),
+                ),
                 Err(_) => name
                     .clone()
                     .try_into()
@@ -281,7 +284,10 @@ impl LocalCa {
         if not_after <= now {
             return Err(IssueError::Expired(OffsetDateTime::from(self.not_after)));
         }
-        let not_before = (now - CLOCK_SKEW).max(self.not_before);
+        // A short-lived leaf (tests that expire certificates fast) gets less, in whole seconds,
+        // so that its half-life is still ahead.
+        let skew = CLOCK_SKEW.min(Duration::from_secs(validity.as_secs() / 10));
+        let not_before = (now - skew).max(self.not_before);
         Ok((not_before, not_after))
     }
 }

@@ -20,6 +20,8 @@
 //! must be at most [`Config::max_validity`] (zero means [`Config::default_validity`]), as istiod
 //! rules. Errors use istiod's status codes and messages. Serving connections is [`transport`]'s.
 
+#[cfg(test)]
+mod tests;
 mod transport;
 
 use std::collections::HashMap;
@@ -115,19 +117,38 @@ impl Service {
         headers: &MetadataMap,
         request: &IstioCertificateRequest,
     ) -> Result<Vec<String>, Status> {
+        let (identity, validity) = self.decide(headers, request)?;
+        self.sign_for(&request.csr, &identity, validity)
+    }
+
+    /// The identity to certify and for how long, if the caller may have it.
+    pub fn decide(
+        &self,
+        headers: &MetadataMap,
+        request: &IstioCertificateRequest,
+    ) -> Result<(Identity, Duration), Status> {
         let identity = self.authorize(headers, request)?;
         let validity = self.validity(request.validity_duration)?;
-        self.ca
-            .sign_csr(&request.csr, &identity, validity)
-            .map_err(|e| {
-                let code = match e {
-                    IssueError::Csr(_) | IssueError::ZeroValidity | IssueError::Name(_) => {
-                        tonic::Code::InvalidArgument
-                    }
-                    _ => tonic::Code::Internal,
-                };
-                Status::new(code, format!("CSR signing error ({e})"))
-            })
+        Ok((identity, validity))
+    }
+
+    /// Signs the CSR's key for `identity`, answering in Istio's `cert_chain` layout, with
+    /// istiod's status codes on failure.
+    pub fn sign_for(
+        &self,
+        csr: &str,
+        identity: &Identity,
+        validity: Duration,
+    ) -> Result<Vec<String>, Status> {
+        self.ca.sign_csr(csr, identity, validity).map_err(|e| {
+            let code = match e {
+                IssueError::Csr(_) | IssueError::ZeroValidity | IssueError::Name(_) => {
+                    tonic::Code::InvalidArgument
+                }
+                _ => tonic::Code::Internal,
+            };
+            Status::new(code, format!("CSR signing error ({e})"))
+        })
     }
 
     /// The identity to certify, if the caller may have it.
