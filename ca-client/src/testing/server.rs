@@ -140,9 +140,9 @@ impl FakeCa {
         config
     }
 
-    /// Makes the next `n` calls fail with `code` and `message`.
+    /// Makes the next `n` calls fail with `code` and `message` (0: stop failing).
     pub fn fail_next(&self, n: usize, code: tonic::Code, message: &str) {
-        *lock(&self.script.fail) = Some((n, code, message.to_owned()));
+        *lock(&self.script.fail) = (n > 0).then(|| (n, code, message.to_owned()));
     }
 
     /// Makes calls wait (after being recorded) until [`FakeCa::release`].
