@@ -143,7 +143,7 @@ impl Client {
     }
 
     async fn create(&self, identity: &Identity) -> Result<WorkloadCertificate, FetchError> {
-        let _permit = self
+        let permit = self
             .permits
             .acquire()
             .await
@@ -181,7 +181,7 @@ impl Client {
                 code: status.code(),
                 message: status.message().to_owned(),
             })?;
-        drop(_permit);
+        drop(permit);
         let cert = response::certificate(
             identity,
             &response.into_inner().cert_chain,

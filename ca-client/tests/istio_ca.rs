@@ -224,6 +224,11 @@ async fn the_ca_is_checked_by_root_and_by_name() {
         "{err}"
     );
 
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+
     let mut wrong_name = fake.client_config();
     wrong_name.server_name = Some("not-istiod.example".into());
     let err = fetch(&Client::new(wrong_name).unwrap(), &id("a"))
@@ -234,6 +239,7 @@ async fn the_ca_is_checked_by_root_and_by_name() {
         Some(tonic::Code::Unavailable),
         "{err}"
     );
+    assert!(err.to_string().contains("not valid for name"), "{err}");
     assert!(
         fake.requests().is_empty(),
         "no request crossed a bad handshake"
@@ -372,4 +378,33 @@ async fn wanted_identities_are_fetched_ahead_with_impersonation() {
     );
     cache.set_wanted([id("ratings")]);
     assert_eq!(sink.forgotten(), vec![id("reviews")]);
+}
+
+#[tokio::test]
+async fn shutdown_answers_calls_in_progress_then_refuses() {
+    let fake = FakeCa::start().await;
+    let client = Arc::new(Client::new(fake.client_config()).unwrap());
+    fake.hold();
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { fetch(&client, &id("reviews")).await })
+    };
+    tokio::time::timeout(PATIENCE, fake.wait_for_in_flight(1))
+        .await
+        .expect("the call reached the CA");
+    // `stop` asks for shutdown at once; the held call is released only afterwards.
+    tokio::join!(fake.stop(), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fake.release();
+    });
+    call.await
+        .unwrap()
+        .expect("the call in progress was answered");
+    let err = fetch(&client, &id("ratings")).await.unwrap_err();
+    assert_eq!(
+        status_of(&err).map(|s| s.0),
+        Some(tonic::Code::Unavailable),
+        "{err}"
+    );
+    assert_eq!(fake.requests().len(), 1);
 }

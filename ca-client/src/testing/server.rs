@@ -49,8 +49,8 @@ pub struct FakeCa {
     address: SocketAddr,
     ca: Arc<LocalCa>,
     script: Arc<Script>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    shutdown: Mutex<Option<oneshot::Sender<()>>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Script {
@@ -105,8 +105,8 @@ impl FakeCa {
             address,
             ca,
             script,
-            shutdown: Some(shutdown),
-            task,
+            shutdown: Mutex::new(Some(shutdown)),
+            task: tokio::sync::Mutex::new(Some(task)),
         }
     }
 
@@ -192,12 +192,27 @@ impl FakeCa {
     }
 }
 
-impl Drop for FakeCa {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
+impl FakeCa {
+    /// Stops accepting connections (the address refuses from then on) and returns once the
+    /// calls in progress have been answered, as the real server does on shutdown.
+    pub async fn stop(&self) {
+        if let Some(shutdown) = lock(&self.shutdown).take() {
             let _ = shutdown.send(());
         }
-        self.task.abort();
+        if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for FakeCa {
+    fn drop(&mut self) {
+        if let Some(shutdown) = lock(&self.shutdown).take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.get_mut().take() {
+            task.abort();
+        }
     }
 }
 
