@@ -9,8 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message;
 use prost_types::Any;
@@ -114,6 +116,50 @@ impl Source {
 
     pub fn current(&self) -> Arc<Snapshot> {
         self.0.borrow().clone()
+    }
+}
+
+/// Reads the mesh file at `path` into a snapshot.
+pub fn mesh_snapshot(path: &Path) -> Result<Snapshot, crate::local::LoadError> {
+    Ok(Snapshot::from_state(
+        &crate::local::load(path)?.into_state(),
+    ))
+}
+
+/// Publishes the mesh file at `path` to `source` whenever its content
+/// changes (checked every `poll`), until `shutdown`. A version that fails to
+/// load is logged and the last good one stays served.
+pub async fn follow_mesh_file(
+    path: PathBuf,
+    source: Source,
+    poll: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut last: Option<Vec<u8>> = None;
+    loop {
+        match tokio::fs::read(&path).await {
+            Ok(bytes) if last.as_ref() != Some(&bytes) => {
+                match mesh_snapshot(&path) {
+                    Ok(snapshot) => {
+                        tracing::info!(path = %path.display(), "serving the mesh file");
+                        source.publish(snapshot);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "mesh file rejected; still serving the previous one")
+                    }
+                }
+                last = Some(bytes);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the mesh file")
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(poll) => {}
+        }
     }
 }
 
