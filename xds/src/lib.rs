@@ -4,9 +4,15 @@
 //! [`State`] holds validated [`Workload`]s and [`Service`]s, keyed the way
 //! xDS names them (workload uid, `namespace/hostname`), so a source can
 //! upsert or remove one resource at a time; [`Store`] shares it between the
-//! control and data planes. [`local`] reads the YAML mesh file. Delta xDS and
-//! authorization policies will join as further sources and state beside
-//! these. Sockets, TLS and the proxy itself belong to the agent.
+//! control and data planes and notifies writes. Two sources fill it:
+//! [`local`] reads the YAML mesh file, and [`client`] speaks delta xDS to
+//! istiod through our own [`proto`] files. The client calls a narrow
+//! [`handler::Handler`] per type; [`Store`] implements it for
+//! `istio.workload.Address` with the validating conversion in [`address`].
+//! [`server`] serves a snapshot (e.g. the mesh file) over delta ADS for the
+//! development control plane, and `fake` (feature `testing`) is a scriptable
+//! control plane for tests. TLS here is only the control-plane channel;
+//! authorization policies, sockets and the proxy belong elsewhere.
 
 pub mod address;
 pub mod client;

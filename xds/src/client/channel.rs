@@ -66,6 +66,13 @@ pub(crate) async fn connect(cfg: &Config) -> Result<Channel, ClientError> {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "TCP connect timed out")
                 })??;
             tcp.set_nodelay(true)?;
+            // A dead peer behind a silent network shows up within minutes.
+            socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(300))
+                    .with_interval(Duration::from_secs(75))
+                    .with_retries(9),
+            )?;
             let io: Box<dyn Io> = match tls {
                 Some((config, name)) => {
                     let tls = tokio_rustls::TlsConnector::from(config)
