@@ -66,6 +66,21 @@ pub struct Config {
 }
 
 impl Config {
+    /// [`Config::new`] with the roots read from a PEM file (Istio's
+    /// `/var/run/secrets/istio/root-cert.pem`).
+    pub fn with_root_file(
+        address: http::Uri,
+        path: &std::path::Path,
+    ) -> Result<Config, ConfigError> {
+        let root_file = |reason: String| ConfigError::RootFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| root_file(e.to_string()))?;
+        let roots = crate::x509::certs_from_pem(&pem).map_err(|e| root_file(e.to_string()))?;
+        Ok(Config::new(address, roots))
+    }
+
     /// A configuration with Istio's defaults for everything but the address and roots.
     pub fn new(address: http::Uri, roots: Vec<CertificateDer<'static>>) -> Config {
         Config {

@@ -272,6 +272,26 @@ fn bad_client_configurations_are_refused() {
 }
 
 #[tokio::test]
+async fn roots_can_come_from_istios_root_cert_file() {
+    let fake = FakeCa::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root-cert.pem");
+    std::fs::write(&path, x509::certs_to_pem(&fake.roots())).unwrap();
+    let mut config = istio::Config::with_root_file(fake.address(), &path).unwrap();
+    config.server_name = Some(ca_client::testing::SERVER_NAME.into());
+    fetch(&Client::new(config).unwrap(), &id("a"))
+        .await
+        .unwrap();
+
+    std::fs::write(&path, "no certificate here").unwrap();
+    let err = istio::Config::with_root_file(fake.address(), &path).unwrap_err();
+    assert!(err.to_string().contains("root-cert.pem"), "{err}");
+    let err =
+        istio::Config::with_root_file(fake.address(), &dir.path().join("absent.pem")).unwrap_err();
+    assert!(err.to_string().contains("absent.pem"), "{err}");
+}
+
+#[tokio::test]
 async fn serve_answers_until_shutdown_then_closes_its_listener() {
     let ca = Arc::new(LocalCa::generate().unwrap());
     let tls = server::serving_tls(&ca, &["ca.test".into()]).unwrap();

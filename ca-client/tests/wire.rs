@@ -164,3 +164,48 @@ fn the_openssl_csr_of_the_vector_is_accepted_by_our_ca() {
     let leaf = x509::certs_from_pem(chain[0].as_bytes()).unwrap();
     assert_eq!(x509::spiffe_ids(&leaf[0]).unwrap(), vec![identity]);
 }
+
+/// The RPC path is the one name that matters on the wire: wire.md §1 gives istiod's.
+#[tokio::test]
+async fn the_client_calls_istiods_rpc_path() {
+    use ca_client::proto::istio_certificate_service_client::IstioCertificateServiceClient;
+    use std::sync::{Arc, Mutex};
+
+    const ISTIOD_PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+    assert_eq!(ca_client::proto::CREATE_CERTIFICATE_PATH, ISTIOD_PATH);
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = {
+        let seen = seen.clone();
+        tower::service_fn(move |request: http::Request<tonic::body::Body>| {
+            seen.lock().unwrap().push(request.uri().path().to_owned());
+            async {
+                // An immediate gRPC error, so that the call ends at once.
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "12")
+                        .body(tonic::body::Body::empty())
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let mut client = IstioCertificateServiceClient::new(recorder);
+    let status = client
+        .create_certificate(IstioCertificateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(*seen.lock().unwrap(), vec![ISTIOD_PATH.to_owned()]);
+
+    use tonic::server::NamedService;
+    type Server = ca_client::proto::istio_certificate_service_server::IstioCertificateServiceServer<
+        ca_client::server::Service,
+    >;
+    assert_eq!(
+        format!("/{}/CreateCertificate", Server::NAME),
+        ISTIOD_PATH,
+        "the server mounts the same path"
+    );
+}

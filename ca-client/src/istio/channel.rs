@@ -21,6 +21,11 @@ pub enum ConfigError {
     Address(String),
     #[error("CA server name {0:?} is neither a DNS name nor an IP address")]
     ServerName(String),
+    #[error("CA root file {path}: {reason}")]
+    RootFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("CA roots: {0}")]
     Roots(#[from] tls::Error),
     #[error("header {0:?} has a name or value that cannot be sent")]
