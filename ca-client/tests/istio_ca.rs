@@ -428,3 +428,36 @@ async fn shutdown_answers_calls_in_progress_then_refuses() {
     );
     assert_eq!(fake.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn a_ca_that_is_down_at_start_is_retried_until_it_comes_up() {
+    let first = FakeCa::start().await;
+    let (address, ca, config) = (
+        first.socket_addr(),
+        first.ca().clone(),
+        first.client_config(),
+    );
+    first.stop().await;
+    drop(first);
+
+    let sink = Arc::new(RecordingSink::default());
+    let cache = Cache::new(Arc::new(Client::new(config).unwrap()), sink.clone());
+    cache.set_wanted([id("reviews")]);
+    // Several attempts fail (backoff 0.25-0.5 s, then 0.5-1 s) while nothing listens.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(sink.published().is_empty());
+
+    let second = FakeCa::start_at(address, ca, server::Config::new("cluster.local"))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while sink.published().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no certificate once the CA was up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.published()[0].identity, id("reviews"));
+    assert_eq!(second.requests().len(), 1);
+}

@@ -77,11 +77,30 @@ impl FakeCa {
     /// If it cannot generate its root or bind to loopback.
     pub async fn start_with(config: server::Config) -> FakeCa {
         let ca = Arc::new(LocalCa::generate().expect("generating the fake CA's root"));
-        let tls = server::serving_tls(&ca, &server::default_dns_names())
-            .expect("issuing the fake CA's serving certificate");
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("binding the fake CA to loopback");
+        FakeCa::serve_on(listener, ca, config)
+    }
+
+    /// A fake at `address` signing with `ca`: a CA that comes back (or comes up late) where
+    /// clients already look for it, with the root they already trust.
+    pub async fn start_at(
+        address: SocketAddr,
+        ca: Arc<LocalCa>,
+        config: server::Config,
+    ) -> std::io::Result<FakeCa> {
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        Ok(FakeCa::serve_on(listener, ca, config))
+    }
+
+    fn serve_on(
+        listener: tokio::net::TcpListener,
+        ca: Arc<LocalCa>,
+        config: server::Config,
+    ) -> FakeCa {
+        let tls = server::serving_tls(&ca, &server::default_dns_names())
+            .expect("issuing the fake CA's serving certificate");
         let address = listener
             .local_addr()
             .expect("a bound listener has an address");
