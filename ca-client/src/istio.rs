@@ -6,7 +6,7 @@
 //! agent's own, `ImpersonatedIdentity`; then checks that the leaf names exactly the identity
 //! asked for, holds the key it was asked to certify, and chains to the returned root bundle.
 //! At most [`MAX_IN_FLIGHT`] calls run at once. Renewal is the [`Cache`](crate::Cache)'s job;
-//! connecting is [`channel`]'s.
+//! connecting is `channel`'s.
 
 mod channel;
 mod response;

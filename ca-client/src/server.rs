@@ -18,7 +18,7 @@
 //!
 //! Either way the identity must be in the configured trust domain, and the lifetime asked for
 //! must be at most [`Config::max_validity`] (zero means [`Config::default_validity`]), as istiod
-//! rules. Errors use istiod's status codes and messages. Serving connections is [`transport`]'s.
+//! rules. Errors use istiod's status codes and messages. Serving connections is `transport`'s.
 
 #[cfg(test)]
 mod tests;
