@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use prost::Message;
 use prost_types::Any;
 use tokio::net::TcpListener;
@@ -37,12 +38,15 @@ pub struct Seen {
     pub metadata: MetadataMap,
 }
 
+/// What a stream's response channel carries: when to deliver, and what.
+type Outgoing = (
+    Option<tokio::time::Instant>,
+    Result<DeltaDiscoveryResponse, Status>,
+);
+
 #[derive(Default)]
 struct Script {
-    streams: Vec<(
-        u64,
-        mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, Status>>,
-    )>,
+    streams: Vec<(u64, mpsc::UnboundedSender<Outgoing>)>,
     opened: u64,
     refuse: Vec<Status>,
     delay: Option<Duration>,
@@ -184,16 +188,9 @@ impl Fake {
             script.nonce += 1;
             response.nonce = format!("fake-{}", script.nonce);
         }
-        let delay = script.delay;
+        let at = script.delay.map(|d| tokio::time::Instant::now() + d);
         for (_, tx) in &script.streams {
-            let (tx, response) = (tx.clone(), response.clone());
-            match delay {
-                None => drop(tx.send(Ok(response))),
-                Some(d) => drop(tokio::spawn(async move {
-                    tokio::time::sleep(d).await;
-                    let _ = tx.send(Ok(response));
-                })),
-            }
+            let _ = tx.send((at, Ok(response.clone())));
         }
         response.nonce
     }
@@ -206,7 +203,7 @@ impl Fake {
     /// Ends every open stream with `status`.
     pub fn fail_streams(&self, status: Status) {
         for (_, tx) in self.lock().streams.drain(..) {
-            let _ = tx.send(Err(status.clone()));
+            let _ = tx.send((None, Err(status.clone())));
         }
     }
 
@@ -215,7 +212,8 @@ impl Fake {
         self.lock().refuse.extend(statuses);
     }
 
-    /// Delays every later pushed response by `delay` (a slow control plane).
+    /// Delays every later pushed response by `delay` (a slow control plane);
+    /// responses stay in order.
     pub fn set_delay(&self, delay: Option<Duration>) {
         self.lock().delay = delay;
     }
@@ -296,6 +294,13 @@ impl AggregatedDiscoveryService for Ads {
                 });
             }
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        // In order: a delayed response also holds back the ones after it.
+        let responses = UnboundedReceiverStream::new(rx).then(|(at, item)| async move {
+            if let Some(at) = at {
+                tokio::time::sleep_until(at).await;
+            }
+            item
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 }
