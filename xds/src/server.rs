@@ -103,19 +103,32 @@ impl Snapshot {
 /// The snapshot being served; cloning shares it. Publishing pushes the
 /// difference to every open stream.
 #[derive(Clone)]
-pub struct Source(Arc<watch::Sender<Arc<Snapshot>>>);
+pub struct Source {
+    snapshot: Arc<watch::Sender<Arc<Snapshot>>>,
+    closed: Arc<watch::Sender<bool>>,
+}
 
 impl Source {
     pub fn new(snapshot: Snapshot) -> Self {
-        Self(Arc::new(watch::Sender::new(Arc::new(snapshot))))
+        Self {
+            snapshot: Arc::new(watch::Sender::new(Arc::new(snapshot))),
+            closed: Arc::new(watch::Sender::new(false)),
+        }
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
-        self.0.send_replace(Arc::new(snapshot));
+        self.snapshot.send_replace(Arc::new(snapshot));
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
-        self.0.borrow().clone()
+        self.snapshot.borrow().clone()
+    }
+
+    /// Ends every open stream cleanly, and every later one at once, so a
+    /// server draining its connections is not held up by streams that
+    /// would otherwise last forever. Clients reconnect elsewhere.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 }
 
@@ -171,13 +184,20 @@ pub async fn serve(
     source: Source,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let service = AggregatedDiscoveryServiceServer::new(Ads { source })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
-    crate::connection::serve(listener, tls, service, shutdown).await
+    crate::connection::serve(listener, tls, service(source), shutdown).await
 }
 
-struct Ads {
+/// The ADS gRPC service alone, to put beside others on one port (istiod
+/// serves xDS and the CA on 15012); it answers paths under
+/// `/envoy.service.discovery.v3.AggregatedDiscoveryService/`.
+pub fn service(source: Source) -> AggregatedDiscoveryServiceServer<Ads> {
+    AggregatedDiscoveryServiceServer::new(Ads { source })
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+}
+
+/// The delta ADS implementation behind [`service`].
+pub struct Ads {
     source: Source,
 }
 
@@ -194,7 +214,12 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream(requests, self.source.0.subscribe(), tx));
+        tokio::spawn(stream(
+            requests,
+            self.source.snapshot.subscribe(),
+            self.source.closed.subscribe(),
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -257,13 +282,22 @@ impl Sent {
 async fn stream(
     mut requests: Streaming<DeltaDiscoveryRequest>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut closed: watch::Receiver<bool>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) {
     let mut sent: BTreeMap<String, Sent> = BTreeMap::new();
     let mut nonce = 0u64;
     let mut node = String::new();
+    if *closed.borrow() {
+        return;
+    }
     loop {
         tokio::select! {
+            changed = closed.changed() => {
+                if changed.is_err() || *closed.borrow() {
+                    return;
+                }
+            }
             request = requests.message() => {
                 let request = match request {
                     Ok(Some(r)) => r,

@@ -203,8 +203,9 @@ async fn a_reconnecting_client_gets_only_what_changed_and_removals_of_what_is_go
     let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let source = Source::new(snapshot);
+    let src = source.clone();
     let _server = running(move |stop| async move {
-        serve(listener, None, source, stop).await.unwrap();
+        serve(listener, None, src, stop).await.unwrap();
     });
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -260,4 +261,11 @@ async fn a_reconnecting_client_gets_only_what_changed_and_removals_of_what_is_go
     assert_eq!(second.type_url, AUTHORIZATION_TYPE_URL);
     assert!(second.resources.is_empty() && second.removed_resources.is_empty());
     assert!(!second.nonce.is_empty() && second.nonce != first.nonce);
+
+    // Closing the source ends the stream cleanly (for a draining server).
+    source.close();
+    let end = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
 }
