@@ -569,3 +569,60 @@ async fn a_server_certificate_from_another_root_is_never_trusted() {
     );
     assert!(!agent.ready.is_ready());
 }
+
+#[tokio::test]
+async fn undecodable_or_mistyped_payloads_are_nacked_and_unknown_types_acked() {
+    let pki = Pki::new();
+    let mut fake = Fake::start(Some(pki.server.clone())).await.unwrap();
+    let agent = start_client(&pki, fake.addr());
+    initial_requests(&mut fake).await;
+
+    let mut r = response(
+        ADDRESS_TYPE_URL,
+        [
+            workload("demo/garbage", [198, 19, 1, 1]),
+            workload("demo/mistyped", [198, 19, 1, 2]),
+            workload("demo/empty", [198, 19, 1, 3]),
+            workload("demo/fine", [198, 19, 1, 4]),
+        ],
+        [],
+    );
+    r.resources[0].resource.as_mut().unwrap().value = vec![0x0a, 0xff];
+    r.resources[1].resource.as_mut().unwrap().type_url = AUTHORIZATION_TYPE_URL.to_owned();
+    r.resources[2].resource = None;
+    let nonce = fake.push(r);
+    let message = fake
+        .reply_to(&nonce)
+        .await
+        .request
+        .error_detail
+        .expect("a NACK")
+        .message;
+    assert!(
+        message.contains("demo/garbage: cannot decode the payload"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "demo/mistyped: payload type {AUTHORIZATION_TYPE_URL} does not match the response type {ADDRESS_TYPE_URL}"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("demo/empty: the resource has no payload"),
+        "{message}"
+    );
+    assert!(agent.store.workload_by_uid("demo/fine").is_some());
+
+    let nonce = fake.push(response(
+        "type.googleapis.com/istio.workload.Workload",
+        [("x".to_owned(), pb::Workload::default())],
+        [],
+    ));
+    let ack = fake.reply_to(&nonce).await;
+    assert!(ack.request.error_detail.is_none());
+    assert_eq!(
+        ack.request.type_url,
+        "type.googleapis.com/istio.workload.Workload"
+    );
+}
