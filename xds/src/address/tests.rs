@@ -270,3 +270,48 @@ fn the_store_applies_valid_updates_keeps_the_old_version_of_rejected_ones_and_re
             .is_none()
     );
 }
+
+#[test]
+fn corrupted_resources_are_errors_never_panics() {
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut w = pb_workload();
+    w.waypoint = Some(pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Address(
+            pb::NetworkAddress {
+                network: String::new(),
+                address: vec![198, 19, 9, 9],
+                length: Some(32),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    });
+    let seeds = [wl(w).encode_to_vec(), svc(pb_service()).encode_to_vec()];
+    let (mut decoded, mut accepted) = (0, 0);
+    for i in 0..4000 {
+        let mut bytes = seeds[i % 2].clone();
+        for _ in 0..rng.random_range(1..4) {
+            let at = rng.random_range(0..bytes.len());
+            bytes[at] = rng.random();
+        }
+        let Ok(address) = pb::Address::decode(bytes.as_slice()) else {
+            continue;
+        };
+        decoded += 1;
+        let name = match &address.r#type {
+            Some(pb::address::Type::Workload(w)) => w.uid.clone(),
+            Some(pb::address::Type::Service(s)) => format!("{}/{}", s.namespace, s.hostname),
+            None => String::new(),
+        };
+        if decode(&name, address).is_ok() {
+            accepted += 1;
+        }
+    }
+    // The corpus exercised both outcomes of the conversion.
+    assert!(decoded > 100, "{decoded}");
+    assert!(
+        accepted > 0 && accepted < decoded,
+        "{accepted} of {decoded}"
+    );
+}
