@@ -51,6 +51,8 @@ pub struct Config {
     pub token: Option<PathBuf>,
     /// Sent as the `clusterid` header when not empty.
     pub cluster_id: String,
+    /// Further request headers (Istio's `XDS_HEADER_<NAME>`), name → value.
+    pub headers: Vec<(String, String)>,
     pub node: NodeInfo,
     pub connect_timeout: Duration,
 }
@@ -74,8 +76,8 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the {0} header value is not valid ASCII")]
-    Header(&'static str),
+    #[error("the {0} header name or value is not valid in HTTP/2")]
+    Header(String),
     #[error("the stream failed: {}: {}", .0.code(), .0.message())]
     Stream(tonic::Status),
 }
@@ -198,13 +200,21 @@ impl Client {
                 source,
             })?;
             let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
-                .map_err(|_| ClientError::Header("authorization"))?;
+                .map_err(|_| ClientError::Header("authorization".into()))?;
             request.metadata_mut().insert("authorization", value);
         }
         if !self.cfg.cluster_id.is_empty() {
             let value = MetadataValue::try_from(self.cfg.cluster_id.as_str())
-                .map_err(|_| ClientError::Header("clusterid"))?;
+                .map_err(|_| ClientError::Header("clusterid".into()))?;
             request.metadata_mut().insert("clusterid", value);
+        }
+        for (name, value) in &self.cfg.headers {
+            let bad = || ClientError::Header(name.clone());
+            let key =
+                tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| bad())?;
+            let value = MetadataValue::try_from(value.as_str()).map_err(|_| bad())?;
+            request.metadata_mut().insert(key, value);
         }
         let mut responses = ads
             .delta_aggregated_resources(request)

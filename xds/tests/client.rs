@@ -86,6 +86,7 @@ fn start_client(pki: &Pki, addr: SocketAddr) -> Agent {
         server_name: Some(SERVER_NAME.to_owned()),
         token: Some(pki.path("token")),
         cluster_id: "Kubernetes".to_owned(),
+        headers: vec![("X-Mesh-Tenant".to_owned(), "blue".to_owned())],
         node: NodeInfo {
             pod_name: "ambientd-a".into(),
             pod_namespace: "istio-system".into(),
@@ -243,6 +244,7 @@ async fn initial_sync_sends_node_and_credentials_and_becomes_ready_after_every_t
             "Bearer token-1"
         );
         assert_eq!(seen.metadata.get("clusterid").unwrap(), "Kubernetes");
+        assert_eq!(seen.metadata.get("x-mesh-tenant").unwrap(), "blue");
     }
 
     let nonce = fake.push(response(

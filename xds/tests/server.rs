@@ -140,6 +140,7 @@ async fn serves_the_mesh_file_over_tls_and_pushes_its_changes() {
         server_name: Some("istiod.istio-system.svc".into()),
         token: None,
         cluster_id: String::new(),
+        headers: Vec::new(),
         node: node(),
         connect_timeout: Duration::from_secs(2),
     })
