@@ -2,15 +2,17 @@
 //!
 //! [`Cache`] owns, for each identity it was asked about, the current certificate, the fetch in
 //! progress (shared by every caller waiting for it) and a rotation task that renews the
-//! certificate half-way through its life, retrying with jittered exponential backoff while the
-//! old certificate stays in service. Every certificate stored is published to the
-//! [`CertificateSink`]; which identities are needed, and when one is no longer, is the caller's
-//! business ([`Cache::get`], [`Cache::forget`]).
+//! certificate shortly before half-way through its life (jittered, so that a node's identities
+//! do not all renew at once), retrying with jittered exponential backoff while the old
+//! certificate stays in service. Every certificate stored is published to the
+//! [`CertificateSink`]. Which identities are needed is the caller's business: it asks for one
+//! ([`Cache::get`]), drops one ([`Cache::forget`]), or states the whole set its local workloads
+//! use ([`Cache::set_wanted`]), which fetches the new ones ahead and forgets the rest.
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
@@ -26,6 +28,10 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 /// ...up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(150);
 
+/// Renewal happens at a random point between `0.5 - RENEWAL_JITTER` and `0.5` of a certificate's
+/// lifetime (40% to 50%), unless changed with [`Cache::set_renewal_jitter`].
+pub const RENEWAL_JITTER: f64 = 0.1;
+
 /// Certificates by identity, fetched from a [`CertificateSource`] and kept fresh.
 ///
 /// Cheap to clone: clones share the certificates and tasks. Rotation tasks stop when the last
@@ -40,6 +46,11 @@ struct Inner {
     sink: Arc<dyn CertificateSink>,
     entries: Mutex<HashMap<Identity, Entry>>,
     next_flight: AtomicU64,
+    /// The identities of [`Cache::set_wanted`], each with its prefetch task (which ends once
+    /// the first certificate is in).
+    wanted: Mutex<HashMap<Identity, AbortHandle>>,
+    /// An `f64` (bits): the fraction of a lifetime renewal may come before half-life.
+    renewal_jitter: AtomicU64,
 }
 
 #[derive(Default)]
@@ -67,6 +78,8 @@ impl Cache {
                 sink,
                 entries: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
+                wanted: Mutex::new(HashMap::new()),
+                renewal_jitter: AtomicU64::new(RENEWAL_JITTER.to_bits()),
             }),
         }
     }
@@ -87,9 +100,54 @@ impl Cache {
         wait(flight, identity).await
     }
 
+    /// Sets how much earlier than half-life renewals may come, as a fraction of the lifetime
+    /// (clamped to `[0, 0.5]`; 0 renews exactly at half-life). Applies from the next renewal
+    /// scheduled.
+    pub fn set_renewal_jitter(&self, fraction: f64) {
+        let fraction = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 0.5)
+        };
+        self.inner
+            .renewal_jitter
+            .store(fraction.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Makes `identities` the set this node needs: each new one is fetched ahead (retrying
+    /// with backoff until it succeeds) and then kept fresh; every other identity held is
+    /// forgotten. Must be called within a Tokio runtime.
+    pub fn set_wanted(&self, identities: impl IntoIterator<Item = Identity>) {
+        let wanted: HashSet<Identity> = identities.into_iter().collect();
+        {
+            let mut prefetching = self.inner.lock_wanted();
+            prefetching.retain(|identity, task| {
+                let keep = wanted.contains(identity);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for identity in &wanted {
+                prefetching.entry(identity.clone()).or_insert_with(|| {
+                    tokio::spawn(prefetch(Arc::downgrade(&self.inner), identity.clone()))
+                        .abort_handle()
+                });
+            }
+        }
+        for identity in self.identities() {
+            if !wanted.contains(&identity) {
+                self.forget(&identity);
+            }
+        }
+    }
+
     /// Stops renewing `identity`, drops its certificate and tells the sink. A fetch in progress
-    /// is cancelled; its waiters get [`Error::Forgotten`].
+    /// is cancelled; its waiters get [`Error::Forgotten`]. It is no longer wanted either.
     pub fn forget(&self, identity: &Identity) {
+        if let Some(prefetch) = self.inner.lock_wanted().remove(identity) {
+            prefetch.abort();
+        }
         let mut entries = self.inner.lock();
         if let Some(entry) = entries.remove(identity) {
             entry.abort();
@@ -117,6 +175,14 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<Identity, Entry>> {
         // A panicking sink must not wedge every later caller: the map itself stays consistent.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_wanted(&self) -> MutexGuard<'_, HashMap<Identity, AbortHandle>> {
+        self.wanted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn renewal_jitter(&self) -> f64 {
+        f64::from_bits(self.renewal_jitter.load(Ordering::Relaxed))
     }
 
     /// The outcome of the fetch in progress for `identity`, starting one if there is none.
@@ -207,6 +273,13 @@ impl Drop for Inner {
         for (_, entry) in entries.drain() {
             entry.abort();
         }
+        let wanted = self
+            .wanted
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (_, prefetch) in wanted.drain() {
+            prefetch.abort();
+        }
     }
 }
 
@@ -287,6 +360,26 @@ async fn rotate(inner: Weak<Inner>, identity: Identity) {
     }
 }
 
+/// Fetches `identity` ahead of any connection needing it, retrying until a certificate is in
+/// (the rotation task takes over from there) or the identity is forgotten.
+async fn prefetch(inner: Weak<Inner>, identity: Identity) {
+    let mut failures: u32 = 0;
+    loop {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let result = Cache { inner }.get(&identity).await;
+        match result {
+            Ok(_) | Err(Error::Forgotten { .. }) => return,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%identity, %error, failures, "fetching a certificate ahead failed");
+                tokio::time::sleep(retry_delay(failures, Duration::ZERO, rand::random())).await;
+            }
+        }
+    }
+}
+
 /// The current certificate and how long to wait before renewing it.
 fn next_attempt(
     inner: &Weak<Inner>,
@@ -297,7 +390,10 @@ fn next_attempt(
     let current = inner.lock().get(identity)?.cert.clone()?;
     let now = SystemTime::now();
     let delay = if failures == 0 {
-        until(current.refresh_at(), now)
+        until(
+            renew_at(&current, inner.renewal_jitter(), rand::random()),
+            now,
+        )
     } else {
         retry_delay(failures, until(current.not_after, now), rand::random())
     };
@@ -318,6 +414,17 @@ fn retry_delay(failures: u32, until_expiry: Duration, jitter: f64) -> Duration {
     } else {
         delay.min(until_expiry)
     }
+}
+
+/// When to renew `cert`: at half-life, brought forward by up to `jitter` of its lifetime, by a
+/// `random` amount in `[0, 1)` of that.
+fn renew_at(cert: &WorkloadCertificate, jitter: f64, random: f64) -> SystemTime {
+    let lifetime = cert
+        .not_after
+        .duration_since(cert.not_before)
+        .unwrap_or(Duration::ZERO);
+    let early = lifetime.mul_f64((jitter * random.clamp(0.0, 1.0)).clamp(0.0, 0.5));
+    cert.refresh_at() - early
 }
 
 fn until(t: SystemTime, now: SystemTime) -> Duration {

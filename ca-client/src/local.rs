@@ -34,7 +34,7 @@ pub use files::{CaFiles, LoadError, ROOT_CERT, ROOT_KEY};
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How far a leaf's `not_before` is set in the past, so that peers whose clocks are a little
-/// behind accept it at once.
+/// behind accept it at once (at most a tenth of the leaf's validity).
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// Lifetime of a root generated here: long, since replacing it means re-trusting every agent.
@@ -53,6 +53,8 @@ pub enum IssueError {
     Sign(#[source] rcgen::Error),
     #[error("the CSR is invalid: {0}")]
     Csr(String),
+    #[error("the name cannot go in a certificate: {0}")]
+    Name(String),
 }
 
 /// A CA that signs workload certificates with a key it holds.
@@ -189,13 +191,51 @@ impl LocalCa {
         })
     }
 
+    /// Issues a TLS server certificate (for a control plane's serving port) naming `names`, each a
+    /// DNS name or an IP address, with a fresh ECDSA P-256 key. Returns the chain to present
+    /// (leaf, then intermediates) and the key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        validity: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IssueError> {
+        if names.is_empty() {
+            return Err(IssueError::Name("no name to certify".into()));
+        }
+        let sans = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() => Err(
+                    IssueError::Name(format!("{name:?} is neither a DNS name nor an IP address")),
+                ),
+                Err(_) => name
+                    .clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e: rcgen::Error| IssueError::Name(format!("{name:?}: {e}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(IssueError::Key)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (leaf, _, _) = self.sign_params(params, &key, validity)?;
+        let mut chain = vec![leaf];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
     fn sign(
         &self,
         public_key: &impl PublicKeyData,
         identity: &Identity,
         validity: Duration,
     ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime), IssueError> {
-        let (not_before, not_after) = self.leaf_window(validity)?;
         let uri = identity
             .to_string()
             .try_into()
@@ -204,14 +244,25 @@ impl LocalCa {
         // Istio's leaves have an empty subject; rcgen then marks the SAN critical (RFC 5280).
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(uri)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.sign_params(params, public_key, validity)
+    }
+
+    /// Signs a leaf with `params`' names and extended key usages.
+    fn sign_params(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl PublicKeyData,
+        validity: Duration,
+    ) -> Result<(CertificateDer<'static>, SystemTime, SystemTime), IssueError> {
+        let (not_before, not_after) = self.leaf_window(validity)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
@@ -233,7 +284,10 @@ impl LocalCa {
         if not_after <= now {
             return Err(IssueError::Expired(OffsetDateTime::from(self.not_after)));
         }
-        let not_before = (now - CLOCK_SKEW).max(self.not_before);
+        // A short-lived leaf (tests that expire certificates fast) gets less, in whole seconds,
+        // so that its half-life is still ahead.
+        let skew = CLOCK_SKEW.min(Duration::from_secs(validity.as_secs() / 10));
+        let not_before = (now - skew).max(self.not_before);
         Ok((not_before, not_after))
     }
 }

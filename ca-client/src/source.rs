@@ -44,6 +44,11 @@ pub enum Error {
         identity: Identity,
         source: Arc<local::IssueError>,
     },
+    #[error("Istio's CA gave no certificate for {identity}: {source}")]
+    Istio {
+        identity: Identity,
+        source: Arc<crate::istio::FetchError>,
+    },
     #[error("the CA is unavailable for {identity}: {reason}")]
     Unavailable { identity: Identity, reason: String },
     #[error("the CA returned a certificate for {got} when {identity} was asked for")]
@@ -57,6 +62,7 @@ impl Error {
     pub fn identity(&self) -> &Identity {
         match self {
             Error::Local { identity, .. }
+            | Error::Istio { identity, .. }
             | Error::Unavailable { identity, .. }
             | Error::WrongIdentity { identity, .. }
             | Error::Forgotten { identity } => identity,

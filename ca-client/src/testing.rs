@@ -2,7 +2,10 @@
 //!
 //! [`FakeSource`] is a real [`LocalCa`] with an in-memory root that counts fetches, can be told
 //! to fail or to hold fetches until released, and issues certificates as short-lived as a test
-//! wants. [`RecordingSink`] remembers what the cache published and forgot.
+//! wants. [`RecordingSink`] remembers what the cache published and forgot. [`FakeCa`] is the
+//! Istio CA protocol on loopback, with a script.
+
+mod server;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +16,8 @@ use tokio::sync::watch;
 
 use crate::local::LocalCa;
 use crate::source::{BoxFuture, CertificateSink, CertificateSource, Error};
+
+pub use server::{FakeCa, Recorded, SERVER_NAME};
 
 /// A certificate source backed by a throw-away local CA, with knobs for tests.
 #[derive(Debug)]

@@ -72,6 +72,36 @@ pub fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
         .collect())
 }
 
+/// The SPIFFE ids among the URI SANs a PEM CSR asks for (its signature is not checked here).
+pub fn csr_spiffe_ids(csr_pem: &str) -> Result<Vec<Identity>, Error> {
+    use rustls_pki_types::CertificateSigningRequestDer;
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::FromDer;
+
+    let der =
+        CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| match e {
+            PemError::NoItemsFound => Error::NoPem("certificate request"),
+            e => Error::Pem(e),
+        })?;
+    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| Error::Parse(e.to_string()))?;
+    Ok(csr
+        .requested_extensions()
+        .into_iter()
+        .flatten()
+        .filter_map(|ext| match ext {
+            ParsedExtension::SubjectAlternativeName(san) => Some(san.general_names.iter()),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => uri.parse().ok(),
+            _ => None,
+        })
+        .collect())
+}
+
 /// `(not_before, not_after)` of `cert`.
 pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Error> {
     let cert = parse(cert)?;

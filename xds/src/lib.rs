@@ -4,13 +4,27 @@
 //! [`State`] holds validated [`Workload`]s and [`Service`]s, keyed the way
 //! xDS names them (workload uid, `namespace/hostname`), so a source can
 //! upsert or remove one resource at a time; [`Store`] shares it between the
-//! control and data planes. [`local`] reads the YAML mesh file. [`policy`]
-//! holds L4 authorization policies, their index and their evaluation. Delta
-//! xDS will join as a further source. Sockets, TLS and the proxy itself
-//! belong to the agent.
+//! control and data planes and notifies writes. Two sources fill it:
+//! [`local`] reads the YAML mesh file, and [`client`] speaks delta xDS to
+//! istiod through our own [`proto`] files. The client calls a narrow
+//! [`handler::Handler`] per type; [`Store`] implements it for
+//! `istio.workload.Address` with the validating conversion in [`address`].
+//! [`server`] serves a snapshot (e.g. the mesh file) over delta ADS for the
+//! development control plane, and `fake` (feature `testing`) is a scriptable
+//! control plane for tests. [`policy`] holds L4 authorization policies, their
+//! index and their evaluation. TLS here is only the control-plane channel;
+//! sockets and the proxy belong to the agent.
 
+pub mod address;
+pub mod client;
+pub mod connection;
+#[cfg(feature = "testing")]
+pub mod fake;
+pub mod handler;
 pub mod local;
 pub mod policy;
+pub mod proto;
+pub mod server;
 mod service;
 mod state;
 mod store;
@@ -20,4 +34,4 @@ pub use policy::{Policies, Policy};
 pub use service::{NetworkAddress, Port, Service, service_key};
 pub use state::{Destination, State};
 pub use store::Store;
-pub use workload::{TunnelProtocol, Workload, WorkloadStatus};
+pub use workload::{DEFAULT_CLUSTER_ID, TunnelProtocol, Workload, WorkloadStatus};

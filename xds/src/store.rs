@@ -53,7 +53,8 @@ impl Store {
         f(&state)
     }
 
-    /// Runs `f` with the state write-locked, e.g. to apply one xDS update.
+    /// Runs `f` with the state write-locked, e.g. to apply one xDS update,
+    /// then notifies subscribers.
     pub fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         let result = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);

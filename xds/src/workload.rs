@@ -10,6 +10,9 @@ use identity::Identity;
 
 use crate::service::Port;
 
+/// Cluster a workload belongs to when its source names none (Istio's default).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 /// How to reach a workload.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum TunnelProtocol {
@@ -53,6 +56,10 @@ pub struct Workload {
     pub status: WorkloadStatus,
     /// Selector-based authorization policies (`namespace/name`) that apply.
     pub authorization_policies: Vec<String>,
+    /// Owning cluster; Istio's default is `Kubernetes`.
+    pub cluster_id: String,
+    /// Relative load-balancing weight; Istio's default is 1.
+    pub capacity: u32,
     /// Not Istio's: the pod's network namespace (`/var/run/netns/NAME` or
     /// `/proc/PID/ns/net`), where capture rules and listeners go.
     pub netns: Option<PathBuf>,
@@ -73,6 +80,8 @@ impl Workload {
             services: BTreeMap::new(),
             status: WorkloadStatus::Healthy,
             authorization_policies: Vec::new(),
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            capacity: 1,
             netns: None,
         }
     }

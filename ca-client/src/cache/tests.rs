@@ -18,7 +18,10 @@ fn id(sa: &str) -> Identity {
 fn setup() -> (Cache, Arc<FakeSource>, Arc<RecordingSink>) {
     let source = Arc::new(FakeSource::new(VALIDITY));
     let sink = Arc::new(RecordingSink::default());
-    (Cache::new(source.clone(), sink.clone()), source, sink)
+    let cache = Cache::new(source.clone(), sink.clone());
+    // Exactly at half-life, so that tests can step around it; jitter has its own test.
+    cache.set_renewal_jitter(0.0);
+    (cache, source, sink)
 }
 
 /// Lets every ready task run until the runtime is idle. With the clock paused, the runtime then
@@ -249,4 +252,145 @@ fn retry_delay_never_sleeps_past_a_valid_certificates_expiry() {
         retry_delay(10, Duration::ZERO, 1.0),
         Duration::from_secs(150)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_comes_between_forty_and_fifty_percent_of_the_lifetime() {
+    let (cache, source, _sink) = setup();
+    cache.set_renewal_jitter(RENEWAL_JITTER);
+    // Several identities, so that a schedule ignoring the jitter's lower bound would show.
+    let ids: Vec<Identity> = (0..6).map(|n| id(&format!("w{n}"))).collect();
+    let mut first = Vec::new();
+    for identity in &ids {
+        first.push(cache.get(identity).await.unwrap());
+    }
+    settle().await;
+    let lifetime = first[0]
+        .not_after
+        .duration_since(first[0].not_before)
+        .unwrap();
+    // Nothing before 40% of the lifetime (measured from the earliest half-life).
+    let refresh: Vec<Duration> = first.iter().map(|c| until_refresh(c)).collect();
+    let (earliest, latest) = (
+        *refresh.iter().min().unwrap(),
+        *refresh.iter().max().unwrap(),
+    );
+    let window = lifetime.mul_f64(RENEWAL_JITTER);
+    tokio::time::advance(earliest - window - Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        ids.len(),
+        "no renewal before 40% of the lifetime"
+    );
+    // Jittered: with six identities, some renew early (all six in the window's last 4 s by
+    // chance: odds about 1e-7).
+    tokio::time::advance(window - Duration::from_secs(2)).await;
+    settle().await;
+    assert!(
+        source.fetches() > ids.len(),
+        "some renewals come before half-life"
+    );
+    // Everything by half-life.
+    tokio::time::advance(latest - earliest + Duration::from_secs(4)).await;
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        2 * ids.len(),
+        "every identity renewed by half-life"
+    );
+}
+
+#[test]
+fn renew_at_is_brought_forward_by_at_most_the_jitter() {
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let cert = WorkloadCertificate {
+        identity: id("a"),
+        chain: vec![],
+        key: rustls_pki_types::PrivatePkcs8KeyDer::from(vec![1]),
+        roots: vec![],
+        not_before: start,
+        not_after: start + Duration::from_secs(1000),
+    };
+    assert_eq!(renew_at(&cert, 0.1, 0.0), start + Duration::from_secs(500));
+    assert_eq!(renew_at(&cert, 0.0, 0.9), start + Duration::from_secs(500));
+    assert_eq!(renew_at(&cert, 0.1, 0.5), start + Duration::from_secs(450));
+    let latest_early = renew_at(&cert, 0.1, 0.999_999);
+    assert!(latest_early > start + Duration::from_secs(399));
+    assert!(latest_early < start + Duration::from_secs(401));
+}
+
+#[tokio::test(start_paused = true)]
+async fn set_wanted_fetches_ahead_and_forgets_the_rest() {
+    let (cache, source, sink) = setup();
+    let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
+    cache.get(&carol).await.unwrap();
+
+    cache.set_wanted([alice.clone(), bob.clone()]);
+    settle().await;
+    assert_eq!(cache.identities(), vec![alice.clone(), bob.clone()]);
+    assert_eq!(
+        sink.forgotten(),
+        vec![carol.clone()],
+        "carol is no longer used"
+    );
+    let published: Vec<Identity> = sink
+        .published()
+        .iter()
+        .map(|c| c.identity.clone())
+        .collect();
+    assert!(
+        published.contains(&alice) && published.contains(&bob),
+        "{published:?}"
+    );
+    assert_eq!(source.fetches(), 3);
+
+    // Held certificates are served without another fetch.
+    cache.get(&alice).await.unwrap();
+    assert_eq!(source.fetches(), 3);
+
+    // The same set again changes nothing; a smaller one forgets.
+    cache.set_wanted([alice.clone(), bob.clone()]);
+    settle().await;
+    assert_eq!(source.fetches(), 3);
+    cache.set_wanted([bob.clone()]);
+    assert_eq!(cache.identities(), vec![bob.clone()]);
+    assert_eq!(sink.forgotten(), vec![carol, alice]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wanted_identity_is_retried_with_backoff_until_it_is_fetched() {
+    let (cache, source, sink) = setup();
+    let alice = id("alice");
+    source.fail_next(3);
+    cache.set_wanted([alice.clone()]);
+    settle().await;
+    assert_eq!(source.fetches(), 1);
+    assert!(sink.published().is_empty());
+    // Backoff: 250-500 ms, then 0.5-1 s, then 1-2 s; within 4 s all three retries are done.
+    let mut steps = 0;
+    while sink.published().is_empty() {
+        steps += 1;
+        assert!(steps < 40, "no successful prefetch within 4 s");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        settle().await;
+    }
+    assert_eq!(source.fetches(), 4, "three failures, then one that worked");
+    assert_eq!(cache.identities(), vec![alice.clone()]);
+
+    // Once unwanted, a failing prefetch stops retrying.
+    let bob = id("bob");
+    source.fail_next(usize::MAX);
+    cache.set_wanted([bob.clone()]);
+    settle().await;
+    let fetches = source.fetches();
+    cache.set_wanted(Vec::new());
+    tokio::time::advance(Duration::from_secs(600)).await;
+    settle().await;
+    assert_eq!(
+        source.fetches(),
+        fetches,
+        "no retries for an identity no longer wanted"
+    );
+    assert!(cache.identities().is_empty());
 }
