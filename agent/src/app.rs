@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ca_client::{Cache, CertificateSink, LocalCa};
+use ca_client::{Cache, CertificateSink, CertificateSource, LocalCa};
 use identity::{Identity, WorkloadCertificate};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{CaSource, Config};
+use crate::config::{CaSource, Config, Mode};
 use crate::drain;
 use crate::enrollment::Source;
 use crate::enrollment::mesh::MeshSource;
@@ -52,10 +52,13 @@ pub struct Agent {
     /// Listeners that belong to no pod (SOCKS5).
     own: Vec<Listener>,
     mesh_file: PathBuf,
+    mode: Mode,
     enrollment: tokio::task::JoinHandle<()>,
     trigger: drain::Trigger,
     tasks: JoinSet<()>,
     mesh_status: watch::Receiver<mesh::Status>,
+    /// Istio mode: whether the first response of every xDS type was applied.
+    xds_ready: Option<xds::client::Ready>,
 }
 
 /// The TLS side learns of new and renewed certificates through the CA client's sink.
@@ -74,26 +77,76 @@ impl CertificateSink for TlsSink {
     }
 }
 
+/// Where the mesh state and certificates come from, before anything is served.
+struct Control {
+    state: xds::Store,
+    ca: Arc<dyn CertificateSource>,
+    /// The mesh file's watcher (local mode).
+    watcher: Option<mesh::Watcher>,
+    /// The delta xDS client, not yet running (istio mode).
+    xds: Option<xds::client::Client>,
+}
+
+async fn control(cfg: &Config) -> anyhow::Result<Control> {
+    match &cfg.mode {
+        Mode::Local => {
+            // Before the load: an edit racing the start is then seen as a change.
+            let watcher = mesh::Watcher::new(&cfg.mesh_file);
+            let mesh = xds::local::load(&cfg.mesh_file)?;
+            let ca = match &cfg.ca.source {
+                CaSource::Dir(dir) => LocalCa::load_or_init(dir),
+                CaSource::Files(files) => LocalCa::load(files),
+            }
+            .context("loading the built-in CA")?
+            .with_validity(cfg.ca.cert_ttl);
+            Ok(Control {
+                state: xds::Store::new(mesh.into_state()),
+                ca: Arc::new(ca),
+                watcher: Some(watcher),
+                xds: None,
+            })
+        }
+        Mode::Istio(istio) => {
+            // Workloads, services and policies arrive over xDS; pods enroll as they do.
+            let state = xds::Store::default();
+            let client = xds::client::Client::new(istio.xds.clone())
+                .watch::<xds::proto::istio::workload::Address, _>(
+                xds::proto::ADDRESS_TYPE_URL,
+                state.clone(),
+            );
+            let ca = ca_client::istio::Client::new(istio.ca.clone())
+                .context("configuring the Istio CA client")?;
+            tracing::info!(xds = %istio.xds.address, ca = %istio.ca.address, "istio mode");
+            Ok(Control {
+                state,
+                ca: Arc::new(ca),
+                watcher: None,
+                xds: Some(client),
+            })
+        }
+    }
+}
+
 /// Loads everything, enrolls this node's pods (capture rules and listeners) and returns the
 /// running agent. Every problem in the configuration or with a pod present at start is an
 /// error here, before anything is served.
 pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
-    // Before the load: an edit racing the start is then seen as a change.
-    let watcher = mesh::Watcher::new(&cfg.mesh_file);
-    let mesh_status = watcher.status();
-    let mesh = xds::local::load(&cfg.mesh_file)?;
-    let state = xds::Store::new(mesh.into_state());
-    let ca = match &cfg.ca.source {
-        CaSource::Dir(dir) => LocalCa::load_or_init(dir),
-        CaSource::Files(files) => LocalCa::load(files),
-    }
-    .context("loading the built-in CA")?
-    .with_validity(cfg.ca.cert_ttl);
+    let control = control(&cfg).await?;
+    let Control {
+        state,
+        ca,
+        watcher,
+        xds,
+    } = control;
+    let mesh_status = watcher
+        .as_ref()
+        .map(mesh::Watcher::status)
+        .unwrap_or_else(|| watch::Sender::new(mesh::Status::default()).subscribe());
     let creds = Arc::new(Credentials::new());
-    let certs = Cache::new(Arc::new(ca), Arc::new(TlsSink(creds.clone())));
+    let certs = Cache::new(ca, Arc::new(TlsSink(creds.clone())));
     let node = cfg.proxy.node_name.clone();
     let local = state.workloads_on_node(&node);
-    if local.is_empty() {
+    if local.is_empty() && matches!(cfg.mode, Mode::Local) {
         tracing::warn!(node = %node, "no workload in the mesh file runs on this node");
     }
     for w in &local {
@@ -143,12 +196,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         proxy.live_inbound.clone(),
         proxy.state.clone(),
     ));
-    match cfg.mesh_poll {
-        Some(interval) => {
-            tasks.spawn(watcher.run(proxy.state.clone(), interval));
-        }
-        None => drop(watcher),
+    if let (Some(watcher), Some(interval)) = (watcher, cfg.mesh_poll) {
+        tasks.spawn(watcher.run(proxy.state.clone(), interval));
     }
+    let xds_ready = match xds {
+        Some(client) => {
+            let ready = client.ready();
+            let stop = watch.clone();
+            tasks.spawn(async move { client.run(async move { stop.draining().await }).await });
+            Some(ready)
+        }
+        None => None,
+    };
     let mut own = Vec::new();
     if let Some(addr) = cfg.socks5 {
         let listener =
@@ -170,10 +229,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         pods,
         own,
         mesh_file: cfg.mesh_file,
+        mode: cfg.mode,
         enrollment,
         trigger,
         tasks,
         mesh_status,
+        xds_ready,
     })
 }
 
@@ -191,6 +252,12 @@ impl Agent {
             .into_iter()
             .find(|l| l.role == role)
             .map(|l| l.addr)
+    }
+
+    /// Whether the mesh state is in: always in local mode; in istio mode once the first
+    /// response of every xDS type was applied (it stays so across reconnects).
+    pub fn xds_synced(&self) -> bool {
+        self.xds_ready.as_ref().is_none_or(|r| r.is_ready())
     }
 
     pub fn pool(&self) -> &Pool {
@@ -215,6 +282,10 @@ impl Agent {
     /// Re-reads the mesh file; pods that joined or left this node are enrolled or
     /// un-enrolled by the enrollment task. A file with errors changes nothing.
     pub fn reload(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            matches!(self.mode, Mode::Local),
+            "istio mode: the mesh comes from xDS; there is no file to reload"
+        );
         let mesh = xds::local::load(&self.mesh_file)?;
         // The enrollment source and the policy re-check follow the store's change notice.
         drop(self.proxy.state.replace(mesh.into_state()));

@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::capture::{CaptureSettings, parse_backend, parse_inbound_mode};
-use crate::config::{CaConfig, CaSource, Config, H2Config, ProxyConfig, parse_duration};
+use crate::config::{
+    CaConfig, CaSource, Config, H2Config, IstioConfig, Mode, ProxyConfig, parse_duration,
+};
 use crate::proxy::pool::PoolConfig;
 
 #[derive(Debug, Parser)]
@@ -40,6 +42,59 @@ pub enum Command {
     /// The built-in CA: create a root, or issue a certificate to inspect.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// A development stand-in for istiod: serves a mesh file over delta xDS and signs CSRs
+    /// with the built-in CA, on one TLS port. Production uses istiod.
+    DevControlPlane(DevControlPlaneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevControlPlaneArgs {
+    /// The mesh file to serve; edits are pushed to connected agents.
+    #[arg(long)]
+    pub mesh: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub listen: SocketAddr,
+    /// The CA's state directory (root created on first run); agents trust its root-cert.pem.
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// Names on the serving certificate (repeatable); default istiod.istio-system.svc,
+    /// istiod.istio-system.svc.cluster.local, localhost, 127.0.0.1, ::1.
+    #[arg(long = "dns-name")]
+    pub dns_names: Vec<String>,
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Accept only these bearer tokens, as TOKEN=SPIFFE_ID (repeatable); default: any caller.
+    #[arg(long = "token")]
+    pub tokens: Vec<String>,
+}
+
+impl DevControlPlaneArgs {
+    pub fn into_config(self) -> Result<crate::control_plane::Config, String> {
+        let tokens = self
+            .tokens
+            .iter()
+            .map(|t| {
+                let (token, id) = t
+                    .split_once('=')
+                    .ok_or_else(|| format!("--token {t:?} is not TOKEN=SPIFFE_ID"))?;
+                let id = id.parse().map_err(|e| format!("--token {t:?}: {e}"))?;
+                Ok((token.to_owned(), id))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(crate::control_plane::Config {
+            mesh_file: self.mesh,
+            listen: self.listen,
+            ca_dir: self.ca_dir,
+            dns_names: if self.dns_names.is_empty() {
+                ca_client::server::default_dns_names()
+            } else {
+                self.dns_names
+            },
+            trust_domain: self.trust_domain,
+            tokens,
+            poll: Duration::from_secs(1),
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,11 +118,63 @@ pub enum CaCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeName {
+    Local,
+    Istio,
+}
+
+/// Istio mode: where istiod is and who the agent is (Istio's variable names).
+#[derive(Debug, Args)]
+pub struct IstioArgs {
+    /// The xDS server, e.g. https://istiod.istio-system.svc:15012.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// The CA; default: the xDS address.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM file with the root the control plane's certificate must chain to.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_ca: Option<PathBuf>,
+    /// The same for the CA; default: the xDS root.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<PathBuf>,
+    /// Name to verify in the xDS server's certificate instead of the address's host.
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+    /// Name to verify in the CA's certificate instead of the address's host.
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+    /// File with the bearer token (projected service-account token, audience istio-ca).
+    #[arg(long, env = "AUTH_TOKEN")]
+    pub auth_token: Option<PathBuf>,
+    /// The agent's own pod, namespace and address, sent as xDS node metadata.
+    #[arg(long, env = "POD_NAME", default_value = "ambientd")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub instance_ip: String,
+    /// The agent's own service account: its own certificate is asked for without
+    /// impersonation.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The local mesh file (workloads, services, authorization policies).
+    /// `local`: a mesh file and the built-in CA; `istio`: delta xDS and the Istio CA.
+    #[arg(long, env = "AMBIENTD_MODE", default_value = "local")]
+    pub mode: ModeName,
+    /// The local mesh file (workloads, services, authorization policies); local mode.
     #[arg(long, env = "MESH_FILE")]
-    pub mesh: PathBuf,
+    pub mesh: Option<PathBuf>,
+    #[command(flatten)]
+    pub istio: IstioArgs,
     /// How often to check the mesh file for changes and apply them (0s: never).
     #[arg(long, env = "MESH_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub mesh_poll_interval: Duration,
@@ -151,9 +258,24 @@ impl RunArgs {
             }),
             _ => CaSource::Dir(self.state_dir),
         };
+        let (mode, mesh_file) = match self.mode {
+            ModeName::Local => {
+                let mesh = self.mesh.ok_or("local mode needs --mesh (MESH_FILE)")?;
+                (Mode::Local, mesh)
+            }
+            ModeName::Istio => (
+                Mode::Istio(Box::new(self.istio.into_config(
+                    &self.node,
+                    &self.cluster_id,
+                    self.cert_ttl,
+                )?)),
+                PathBuf::new(),
+            ),
+        };
         let defaults = H2Config::default();
         Ok(Config {
-            mesh_file: self.mesh,
+            mode,
+            mesh_file,
             mesh_poll: Some(self.mesh_poll_interval).filter(|d| !d.is_zero()),
             ca: CaConfig {
                 source,
@@ -183,6 +305,63 @@ impl RunArgs {
             },
             drain_deadline: self.drain_deadline,
         })
+    }
+}
+
+impl IstioArgs {
+    fn into_config(
+        self,
+        node: &str,
+        cluster_id: &str,
+        cert_ttl: Duration,
+    ) -> Result<IstioConfig, String> {
+        let xds_address = self
+            .xds_address
+            .ok_or("istio mode needs --xds-address (XDS_ADDRESS)")?;
+        let ca_address = self.ca_address.unwrap_or_else(|| xds_address.clone());
+        let xds_root = self.xds_root_ca;
+        let ca_root = self.ca_root_ca.or_else(|| xds_root.clone());
+        let own_identity = match &self.service_account {
+            Some(sa) => Some(
+                identity::Identity::new(&self.trust_domain, &self.pod_namespace, sa)
+                    .map_err(|e| format!("SERVICE_ACCOUNT/POD_NAMESPACE/TRUST_DOMAIN: {e}"))?,
+            ),
+            None => None,
+        };
+        let xds = xds::client::Config {
+            address: xds_address,
+            root_cert: xds_root,
+            server_name: self.alt_xds_hostname,
+            token: self.auth_token.clone(),
+            cluster_id: cluster_id.to_owned(),
+            headers: Vec::new(),
+            node: xds::client::NodeInfo {
+                pod_name: self.pod_name,
+                pod_namespace: self.pod_namespace,
+                instance_ip: self.instance_ip,
+                node_name: node.to_owned(),
+                cluster_id: cluster_id.to_owned(),
+                cluster_domain: self.cluster_domain,
+                extra_metadata: Default::default(),
+            },
+            connect_timeout: Duration::from_secs(5),
+        };
+        let uri: http::Uri = ca_address
+            .parse()
+            .map_err(|e| format!("--ca-address {ca_address:?}: {e}"))?;
+        let mut ca = match &ca_root {
+            Some(path) => ca_client::istio::Config::with_root_file(uri, path)
+                .map_err(|e| format!("--ca-root-ca: {e}"))?,
+            None => {
+                return Err("istio mode needs --xds-root-ca (XDS_ROOT_CA) or --ca-root-ca".into());
+            }
+        };
+        ca.server_name = self.alt_ca_hostname;
+        ca.token_path = self.auth_token;
+        ca.cluster_id = cluster_id.to_owned();
+        ca.own_identity = own_identity;
+        ca.validity = cert_ttl;
+        Ok(IstioConfig { xds, ca })
     }
 }
 
@@ -291,5 +470,91 @@ mod tests {
             }
             CaSource::Dir(_) => panic!("expected CA files"),
         }
+    }
+
+    #[test]
+    fn istio_mode_takes_istio_names_and_needs_an_address_and_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root-cert.pem");
+        let ca = ca_client::LocalCa::generate().unwrap();
+        std::fs::write(&root, ca.roots_pem()).unwrap();
+        let root = root.to_str().unwrap();
+        assert!(
+            run(&["--mode", "istio", "--node", "n"])
+                .unwrap_err()
+                .contains("--xds-address")
+        );
+        assert!(
+            run(&[
+                "--mode",
+                "istio",
+                "--node",
+                "n",
+                "--xds-address",
+                "https://istiod:15012"
+            ])
+            .unwrap_err()
+            .contains("--xds-root-ca")
+        );
+        let cfg = run(&[
+            "--mode",
+            "istio",
+            "--node",
+            "n1",
+            "--xds-address",
+            "https://istiod:15012",
+            "--xds-root-ca",
+            root,
+            "--service-account",
+            "ztunnel",
+            "--cluster-id",
+            "c1",
+        ])
+        .unwrap();
+        let Mode::Istio(istio) = cfg.mode else {
+            panic!("expected istio mode")
+        };
+        assert_eq!(istio.xds.address, "https://istiod:15012");
+        assert_eq!(istio.ca.address.to_string(), "https://istiod:15012/");
+        assert_eq!(istio.xds.node.node_name, "n1");
+        assert_eq!(istio.xds.cluster_id, "c1");
+        assert_eq!(
+            istio.ca.own_identity.unwrap().to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+        );
+        assert!(run(&["--node", "n"]).unwrap_err().contains("--mesh"));
+    }
+
+    #[test]
+    fn dev_control_plane_tokens_are_token_equals_spiffe_id() {
+        let parse = |tokens: &[&str]| {
+            let mut argv = vec![
+                "ambientd",
+                "dev-control-plane",
+                "--mesh",
+                "m",
+                "--ca-dir",
+                "d",
+            ];
+            for t in tokens {
+                argv.extend_from_slice(&["--token", t]);
+            }
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::DevControlPlane(a) => a.into_config(),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        let cfg = parse(&["abc=spiffe://cluster.local/ns/istio-system/sa/ztunnel"]).unwrap();
+        assert_eq!(cfg.tokens[0].0, "abc");
+        assert!(
+            cfg.dns_names
+                .contains(&"istiod.istio-system.svc".to_owned())
+        );
+        assert!(parse(&["abc"]).unwrap_err().contains("TOKEN=SPIFFE_ID"));
+        assert!(
+            parse(&["abc=spiffe://x"])
+                .unwrap_err()
+                .contains("must have the form")
+        );
     }
 }

@@ -98,9 +98,13 @@ pub struct CaConfig {
 /// The whole agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Where workloads, services, policies and certificates come from.
+    pub mode: Mode,
+    /// The local mesh file (local mode only).
     pub mesh_file: PathBuf,
     /// How often the mesh file is checked for changes; `None`: loaded once at start.
     pub mesh_poll: Option<Duration>,
+    /// The built-in CA (local mode only).
     pub ca: CaConfig,
     /// SOCKS5 listener (off by default); enters the outbound path without capture.
     pub socks5: Option<SocketAddr>,
@@ -109,6 +113,21 @@ pub struct Config {
     pub capture: CaptureSettings,
     /// How long SIGTERM waits for open connections before closing them.
     pub drain_deadline: Duration,
+}
+
+/// Local: the mesh file and the built-in CA. Istio: delta xDS and the Istio CA.
+#[derive(Debug, Clone, Default)]
+pub enum Mode {
+    #[default]
+    Local,
+    Istio(Box<IstioConfig>),
+}
+
+/// How to reach istiod (or `ambientd dev-control-plane`).
+#[derive(Debug, Clone)]
+pub struct IstioConfig {
+    pub xds: xds::client::Config,
+    pub ca: ca_client::istio::Config,
 }
 
 /// Parses durations like `500ms`, `10s`, `5m`, `24h`.

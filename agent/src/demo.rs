@@ -33,6 +33,7 @@ const SERVICE_ADDR: &str = "127.0.10.1:80";
 /// Configuration for one demo agent sharing the CA in `dir`.
 pub fn agent_config(dir: &Path, node: &str) -> Config {
     Config {
+        mode: Default::default(),
         mesh_file: dir.join("mesh.yaml"),
         mesh_poll: None,
         ca: CaConfig {

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod control_plane;
 pub mod demo;
 pub mod drain;
 pub mod enrollment;

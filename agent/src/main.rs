@@ -26,6 +26,10 @@ fn main() -> ExitCode {
                 agent::app::run(cfg).await
             }
             Command::Demo => agent::demo::run().await,
+            Command::DevControlPlane(args) => {
+                let cfg = args.into_config().map_err(anyhow::Error::msg)?;
+                agent::control_plane::run(cfg).await
+            }
             Command::Ca(CaCommand::Init { dir }) => agent::ca::init(&dir),
             Command::Ca(CaCommand::Issue {
                 dir,

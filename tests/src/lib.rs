@@ -105,6 +105,7 @@ workloads:
 /// Configuration of one agent of a fixture.
 pub fn config(mesh: &Path, ca_dir: &Path, node: &str) -> Config {
     Config {
+        mode: Default::default(),
         mesh_file: mesh.to_owned(),
         // Fast, so tests that edit a mesh file wait little.
         mesh_poll: Some(Duration::from_millis(100)),
