@@ -180,6 +180,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             return Err(e.into());
         }
     }
+    pods.refresh_wanted();
     let enrollment = {
         let pods = pods.clone();
         tokio::spawn(async move {

@@ -129,6 +129,19 @@ impl Pods {
                 self.unenroll(&uid).await;
             }
         }
+        self.refresh_wanted();
+    }
+
+    /// Tells the certificate cache which identities this node needs now: new ones are fetched
+    /// ahead and kept fresh, the ones no enrolled pod uses any more are forgotten.
+    pub(crate) fn refresh_wanted(&self) {
+        let uids: Vec<String> = self.enrolled().keys().cloned().collect();
+        let wanted: Vec<identity::Identity> = uids
+            .iter()
+            .filter_map(|uid| self.proxy.state.workload_by_uid(uid))
+            .map(|w| w.identity().clone())
+            .collect();
+        self.proxy.certs.set_wanted(wanted);
     }
 
     /// Enrolls `pod` (re-enrolls it when it already is).
