@@ -135,32 +135,12 @@ async fn exchange(node_a: &Agent, node_b: &Agent) -> anyhow::Result<()> {
         "\nclient (workload demo/client, {CLIENT_IP}) → service echo.demo.svc.cluster.local ({SERVICE_ADDR})"
     );
     let started = Instant::now();
-    let mut stream = match socks5::connect(socks, client_ip, service).await? {
+    let stream = match socks5::connect(socks, client_ip, service).await? {
         Ok(s) => s,
         Err(reply) => bail!("node-a refused the connection: {reply:?}"),
     };
-    let message = b"hello through the mesh\n".repeat(1000);
-    let writer = {
-        let message = message.clone();
-        async move {
-            stream.write_all(&message).await?;
-            stream.shutdown().await?;
-            let mut back = Vec::new();
-            stream.read_to_end(&mut back).await?;
-            anyhow::Ok(back)
-        }
-    };
-    let back = tokio::time::timeout(Duration::from_secs(10), writer)
-        .await
-        .context("echo timed out")??;
+    round_trip(stream).await?;
     let elapsed = started.elapsed();
-    if back != message {
-        bail!(
-            "echo returned {} bytes that differ from the {} sent",
-            back.len(),
-            message.len()
-        );
-    }
     server.await??;
     let out = next_record(&mut out_events, Direction::OutboundHbone).await?;
     let inb = next_record(&mut in_events, Direction::InboundHbone).await?;
@@ -197,6 +177,34 @@ async fn exchange(node_a: &Agent, node_b: &Agent) -> anyhow::Result<()> {
         "  pool:    {} HBONE connection(s) open on node-a",
         node_a.pool().connections()
     );
+    Ok(())
+}
+
+/// The bytes the demo sends: enough for several TLS records and HTTP/2 frames.
+const MESSAGE: &[u8] = b"hello through the mesh\n";
+const REPEAT: usize = 1000;
+
+/// Sends the demo message on `stream`, half-closes, and checks that the echo comes back
+/// intact; bounded in time.
+pub(crate) async fn round_trip(mut stream: tokio::net::TcpStream) -> anyhow::Result<()> {
+    let message = MESSAGE.repeat(REPEAT);
+    let exchange = async {
+        stream.write_all(&message).await?;
+        stream.shutdown().await?;
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await?;
+        anyhow::Ok(back)
+    };
+    let back = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .context("echo timed out")??;
+    if back != message {
+        bail!(
+            "echo returned {} bytes that differ from the {} sent",
+            back.len(),
+            message.len()
+        );
+    }
     Ok(())
 }
 
