@@ -32,6 +32,7 @@ pub trait Handler<T>: Send + Sync + 'static {
     /// Applies one response: every update that is valid, then the removals
     /// (names not held are ignored). Returns the updates it refused; an
     /// update it refuses must leave any earlier version of that resource
-    /// as it was.
+    /// as it was, unless the handler documents a stricter stand-in (the
+    /// authorization handler fails closed instead).
     fn apply(&self, updates: Vec<Update<T>>, removals: &[String]) -> Vec<Rejection>;
 }

@@ -8,7 +8,9 @@
 //! [`local`] reads the YAML mesh file, and [`client`] speaks delta xDS to
 //! istiod through our own [`proto`] files. The client calls a narrow
 //! [`handler::Handler`] per type; [`Store`] implements it for
-//! `istio.workload.Address` with the validating conversion in [`address`].
+//! `istio.workload.Address` with the validating conversion in [`address`],
+//! and for `istio.security.Authorization` with the one in [`authorization`]
+//! (a rejected policy is replaced by a stand-in that fails closed).
 //! [`server`] serves a snapshot (e.g. the mesh file) over delta ADS for the
 //! development control plane, and `fake` (feature `testing`) is a scriptable
 //! control plane for tests. [`policy`] holds L4 authorization policies, their
@@ -16,6 +18,7 @@
 //! sockets and the proxy belong to the agent.
 
 pub mod address;
+pub mod authorization;
 pub mod client;
 pub mod connection;
 #[cfg(feature = "testing")]

@@ -375,6 +375,11 @@ pub enum Problem {
     Cidr(String),
     #[error("string match sets none of exact, prefix, suffix, presence")]
     NoMatchKind,
+    #[error(
+        "the match sets no condition (every list is empty): Istio would skip it, but it may \
+         hold a condition this agent does not know, so it is refused"
+    )]
+    EmptyMatch,
     #[error("unknown scope {0} (GLOBAL=0, NAMESPACE=1, WORKLOAD_SELECTOR=2)")]
     UnknownScope(i32),
     #[error("unknown action {0} (ALLOW=0, DENY=1)")]

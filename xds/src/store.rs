@@ -97,6 +97,29 @@ impl Store {
     }
 }
 
+impl crate::client::Client {
+    /// Feeds `store` with both resource types an agent watches, `istio.workload.Address` then
+    /// `istio.security.Authorization` (ztunnel's order). Equivalent to:
+    ///
+    /// ```no_run
+    /// use xds::client::{Client, Config};
+    /// use xds::proto::istio::{security::Authorization, workload::Address};
+    /// use xds::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+    ///
+    /// fn client(cfg: Config, store: &xds::Store) -> Client {
+    ///     Client::new(cfg)
+    ///         .watch::<Address, _>(ADDRESS_TYPE_URL, store.clone())
+    ///         .watch::<Authorization, _>(AUTHORIZATION_TYPE_URL, store.clone())
+    /// }
+    /// ```
+    pub fn watch_store(self, store: &Store) -> Self {
+        use crate::proto::istio::{security::Authorization, workload::Address};
+        use crate::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+        self.watch::<Address, _>(ADDRESS_TYPE_URL, store.clone())
+            .watch::<Authorization, _>(AUTHORIZATION_TYPE_URL, store.clone())
+    }
+}
+
 impl From<State> for Store {
     fn from(state: State) -> Self {
         Self::new(state)

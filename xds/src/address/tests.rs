@@ -262,7 +262,7 @@ fn the_store_applies_valid_updates_keeps_the_old_version_of_rejected_ones_and_re
         "Kubernetes//Pod/demo/a".to_owned(),
         "demo/echo.demo.svc.cluster.local".to_owned(),
     ];
-    assert!(store.apply(Vec::new(), &removals).is_empty());
+    assert!(Handler::<pb::Address>::apply(&store, Vec::new(), &removals).is_empty());
     assert!(store.workload_by_uid("Kubernetes//Pod/demo/a").is_none());
     assert!(
         store
