@@ -109,11 +109,8 @@ async fn control(cfg: &Config) -> anyhow::Result<Control> {
         Mode::Istio(istio) => {
             // Workloads, services and policies arrive over xDS; pods enroll as they do.
             let state = xds::Store::default();
-            let client = xds::client::Client::new(istio.xds.clone())
-                .watch::<xds::proto::istio::workload::Address, _>(
-                xds::proto::ADDRESS_TYPE_URL,
-                state.clone(),
-            );
+            // Addresses and authorization policies, both into the store.
+            let client = xds::client::Client::new(istio.xds.clone()).watch_store(&state);
             let ca = ca_client::istio::Client::new(istio.ca.clone())
                 .context("configuring the Istio CA client")?;
             tracing::info!(xds = %istio.xds.address, ca = %istio.ca.address, "istio mode");

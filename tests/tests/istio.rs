@@ -147,6 +147,38 @@ async fn agents_in_istio_mode_tunnel_with_ca_certificates_and_follow_mesh_edits(
         .unwrap();
     assert_eq!(rec.peer_identity, None, "not tunnelled any more");
 
+    // A policy in the file reaches node-b over xDS: the client is now refused (401).
+    let deny = format!(
+        "{}policies:\n  - name: deny-client\n    namespace: demo\n    scope: NAMESPACE\n    action: DENY\n    rules:\n      - clauses:\n          - matches:\n              - principals: [{{exact: cluster.local/ns/demo/sa/client}}]\n",
+        mesh_yaml(&net)
+    );
+    std::fs::write(&mesh, deny).unwrap();
+    let refused = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let res = agent::proxy::socks5::connect(socks, net.client(), net.vip())
+                .await
+                .unwrap();
+            if res.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "the DENY policy never took effect");
+    // Connections made before the policy arrived may have left records too: find the refusal.
+    let refusal = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let rec = record(&mut out, Direction::OutboundHbone).await.unwrap();
+            if let Some(err) = rec.error.filter(|e| e.contains("401")) {
+                return err;
+            }
+        }
+    })
+    .await
+    .expect("no connection was refused with 401");
+    assert!(refusal.contains("CONNECT"), "{refusal}");
+
     let (_, _) = tokio::join!(
         a.shutdown(Duration::from_secs(1)),
         b.shutdown(Duration::from_secs(1))

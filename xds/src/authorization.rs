@@ -240,3 +240,85 @@ impl Handler<pb::Authorization> for Store {
         rejected
     }
 }
+
+/// `policy` as an `istio.security.Authorization` (what a control plane sends): the inverse of
+/// [`decode`] for every policy it accepts. The development control plane serves the mesh
+/// file's policies with it.
+pub fn encode(policy: &Policy) -> pb::Authorization {
+    let strings = |list: &[StringMatch]| -> Vec<pb::StringMatch> {
+        use pb::string_match::MatchType;
+        list.iter()
+            .map(|s| pb::StringMatch {
+                match_type: Some(match s {
+                    StringMatch::Exact(v) => MatchType::Exact(v.clone()),
+                    StringMatch::Prefix(v) => MatchType::Prefix(v.clone()),
+                    StringMatch::Suffix(v) => MatchType::Suffix(v.clone()),
+                    StringMatch::Presence => MatchType::Presence(()),
+                }),
+            })
+            .collect()
+    };
+    let accounts = |list: &[ServiceAccountMatch]| -> Vec<pb::ServiceAccountMatch> {
+        list.iter()
+            .map(|a| pb::ServiceAccountMatch {
+                namespace: a.namespace.clone(),
+                service_account: a.service_account.clone(),
+            })
+            .collect()
+    };
+    let nets = |list: &[ipnet::IpNet]| -> Vec<pb::Address> {
+        list.iter()
+            .map(|n| pb::Address {
+                address: match n.addr() {
+                    std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                    std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+                },
+                length: u32::from(n.prefix_len()),
+            })
+            .collect()
+    };
+    let ports = |list: &[u16]| list.iter().map(|p| u32::from(*p)).collect();
+    let matches = |m: &Match| pb::Match {
+        namespaces: strings(&m.namespaces),
+        not_namespaces: strings(&m.not_namespaces),
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+        principals: strings(&m.principals),
+        not_principals: strings(&m.not_principals),
+        source_ips: nets(&m.source_ips),
+        not_source_ips: nets(&m.not_source_ips),
+        destination_ips: nets(&m.destination_ips),
+        not_destination_ips: nets(&m.not_destination_ips),
+        destination_ports: ports(&m.destination_ports),
+        not_destination_ports: ports(&m.not_destination_ports),
+        extensions: Vec::new(),
+    };
+    pb::Authorization {
+        name: policy.name.clone(),
+        namespace: policy.namespace.clone(),
+        scope: match policy.scope {
+            Scope::Global => pb::Scope::Global,
+            Scope::Namespace => pb::Scope::Namespace,
+            Scope::WorkloadSelector => pb::Scope::WorkloadSelector,
+        } as i32,
+        action: match policy.action {
+            Action::Allow => pb::Action::Allow,
+            Action::Deny => pb::Action::Deny,
+        } as i32,
+        rules: policy
+            .rules
+            .iter()
+            .map(|r: &Rule| pb::Rule {
+                clauses: r
+                    .clauses
+                    .iter()
+                    .map(|c: &Clause| pb::Clause {
+                        matches: c.matches.iter().map(matches).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        dry_run: policy.dry_run,
+        extensions: Vec::new(),
+    }
+}

@@ -54,7 +54,7 @@ impl Snapshot {
     }
 
     /// Every workload and service of `state` as `istio.workload.Address`
-    /// resources, and an empty `istio.security.Authorization` type.
+    /// resources, and every policy as an `istio.security.Authorization`.
     pub fn from_state(state: &State) -> Self {
         let mut snapshot = Self::new();
         snapshot
@@ -70,6 +70,13 @@ impl Snapshot {
         }
         for s in state.services() {
             snapshot.insert(ADDRESS_TYPE_URL, s.key(), &encode_service(s));
+        }
+        for p in state.policies().iter() {
+            snapshot.insert(
+                AUTHORIZATION_TYPE_URL,
+                crate::policy::policy_key(&p.namespace, &p.name),
+                &crate::authorization::encode(p),
+            );
         }
         snapshot
     }

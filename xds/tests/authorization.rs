@@ -369,3 +369,21 @@ async fn policies_from_the_control_plane_apply_fail_closed_and_go() {
     assert_eq!(decide(&store, 8080).reason, Reason::NoAllowPolicies);
     assert!(decide(&store, 80).is_allowed());
 }
+
+#[test]
+fn every_policy_of_the_example_file_survives_encode_and_decode() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies.yaml");
+    let mesh = xds::local::load(&path).unwrap();
+    assert!(!mesh.policies.is_empty());
+    for policy in &mesh.policies {
+        let name = format!("{}/{}", policy.namespace, policy.name);
+        let wire = xds::authorization::encode(policy);
+        let bytes = wire.encode_to_vec();
+        let back = decode(&name, &Authorization::decode(&bytes[..]).unwrap()).unwrap();
+        assert_eq!(&back, policy, "{name}");
+    }
+    // And the served snapshot carries them under their resource names.
+    let snapshot = xds::server::Snapshot::from_state(&mesh.into_state());
+    let served = snapshot.resources(AUTHORIZATION_TYPE_URL).unwrap();
+    assert!(served.contains_key("demo/echo-from-client"));
+}
