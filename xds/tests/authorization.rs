@@ -6,12 +6,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
 use xds::Store;
 use xds::authorization::{AuthorizationError, decode};
@@ -184,44 +181,16 @@ fn the_delta_response_vector_applies_through_the_store() {
 
 // --- component test with the fake control plane ---
 
-const SERVER_NAME: &str = "istiod.istio-system.svc";
+#[path = "support/pki.rs"]
+mod pki;
+use pki::{Pki, SERVER_NAME};
 
-struct Pki {
-    dir: tempfile::TempDir,
-    server: Arc<rustls::ServerConfig>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let root_key = KeyPair::generate().unwrap();
-        let mut root_params = CertificateParams::default();
-        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let root = root_params.self_signed(&root_key).unwrap();
-        let issuer = Issuer::new(root_params, &root_key);
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec![SERVER_NAME.to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
-        std::fs::write(dir.path().join("token"), "token-1\n").unwrap();
-        let server = xds::connection::tls_config(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-        Self { dir, server }
-    }
-}
-
-/// Starts the client with both types feeding `store`; dropping the sender stops it.
 fn start_client(pki: &Pki, addr: SocketAddr, store: &Store) -> oneshot::Sender<()> {
     let cfg = Config {
         address: format!("https://{addr}"),
-        root_cert: Some(pki.dir.path().join("root.pem")),
+        root_cert: Some(pki.path("root.pem")),
         server_name: Some(SERVER_NAME.to_owned()),
-        token: Some(pki.dir.path().join("token")),
+        token: Some(pki.path("token")),
         cluster_id: "Kubernetes".to_owned(),
         headers: Vec::new(),
         node: NodeInfo {

@@ -3,12 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
 use xds::client::{Client, Config, NodeInfo, Ready};
 use xds::fake::{Fake, Seen, WAIT, response};
@@ -18,41 +15,9 @@ use xds::proto::istio::workload as pb;
 use xds::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use xds::{Store, TunnelProtocol};
 
-const SERVER_NAME: &str = "istiod.istio-system.svc";
-
-/// A root, a server certificate for [`SERVER_NAME`] and the root's PEM file.
-struct Pki {
-    dir: tempfile::TempDir,
-    server: Arc<rustls::ServerConfig>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let root_key = KeyPair::generate().unwrap();
-        let mut root_params = CertificateParams::default();
-        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let root = root_params.self_signed(&root_key).unwrap();
-        let issuer = Issuer::new(root_params, &root_key);
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec![SERVER_NAME.to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("root.pem"), root.pem()).unwrap();
-        std::fs::write(dir.path().join("token"), "token-1\n").unwrap();
-        let server = xds::connection::tls_config(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-        Self { dir, server }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
+#[path = "support/pki.rs"]
+mod pki;
+use pki::{Pki, SERVER_NAME};
 
 /// Authorization resources as received, by name.
 #[derive(Clone, Default)]
