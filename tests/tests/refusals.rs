@@ -110,18 +110,11 @@ async fn hbone_server_answers_each_bad_request_with_its_status() {
     nodes.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_refuses_a_server_with_an_unexpected_identity() {
-    tests::init_logging();
-    // node-b presents the echo workload as `impostor`; node-a expects `echo`.
-    let nodes = TwoNodes::start_with(|net| Setup {
-        mesh_a: mesh_yaml(net),
-        mesh_b: mesh_yaml_with(net, "cluster.local", "client", "impostor"),
-        separate_roots: false,
-    })
-    .await
-    .unwrap();
-    let echo = Echo::start(SocketAddr::new(nodes.net.echo(), 8080))
+/// Starts two agents as `setup` says and connects client → echo service through node-a;
+/// expects node-a to refuse with a general failure and returns the error it recorded.
+async fn tunnel_refused(setup: impl Fn(&tests::Net) -> Setup) -> String {
+    let nodes = TwoNodes::start_with(setup).await.unwrap();
+    let _echo = Echo::start(SocketAddr::new(nodes.net.echo(), 8080))
         .await
         .unwrap();
     let mut events = nodes.a.events();
@@ -130,14 +123,25 @@ async fn client_refuses_a_server_with_an_unexpected_identity() {
         .unwrap();
     assert_eq!(res.err(), Some(Reply::GeneralFailure));
     let rec = record(&mut events, Direction::OutboundHbone).await.unwrap();
-    let err = rec.error.unwrap();
+    nodes.stop().await;
+    rec.error.expect("the refusal is recorded")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_server_with_an_unexpected_identity() {
+    tests::init_logging();
+    // node-b presents the echo workload as `impostor`; node-a expects `echo`.
+    let err = tunnel_refused(|net| Setup {
+        mesh_a: mesh_yaml(net),
+        mesh_b: mesh_yaml_with(net, "cluster.local", "client", "impostor"),
+        separate_roots: false,
+    })
+    .await;
     assert!(err.contains("TLS handshake"), "{err}");
     assert!(
         err.contains("impostor"),
         "the error names the identity seen: {err}"
     );
-    drop(echo);
-    nodes.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,24 +189,13 @@ async fn status_of_raw(nodes: &TwoNodes, as_id: &str) -> anyhow::Result<StatusCo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_with_different_roots_cannot_talk() {
     tests::init_logging();
-    let nodes = TwoNodes::start_with(|net| Setup {
+    let err = tunnel_refused(|net| Setup {
         mesh_a: mesh_yaml(net),
         mesh_b: mesh_yaml(net),
         separate_roots: true,
     })
-    .await
-    .unwrap();
-    let _echo = Echo::start(SocketAddr::new(nodes.net.echo(), 8080))
-        .await
-        .unwrap();
-    let mut events = nodes.a.events();
-    let res = agent::proxy::socks5::connect(nodes.socks(), nodes.net.client(), nodes.net.vip())
-        .await
-        .unwrap();
-    assert_eq!(res.err(), Some(Reply::GeneralFailure));
-    let rec = record(&mut events, Direction::OutboundHbone).await.unwrap();
-    assert!(rec.error.unwrap().contains("TLS handshake"));
-    nodes.stop().await;
+    .await;
+    assert!(err.contains("TLS handshake"), "{err}");
 }
 
 /// Connects to `addr` and expects the connection to be closed without a byte: the reset may
