@@ -149,9 +149,11 @@ pub(crate) async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeo
 
 /// Accepts connections until the drain starts; runs `handler` for each on its own task,
 /// which holds a drain watch until it ends and is abandoned when the drain deadline passes.
+/// Accepted sockets get `TCP_NODELAY`: the agent writes what it has as soon as it has it, so
+/// small replies are not held back by Nagle's algorithm.
 pub async fn serve<F, Fut>(listener: TcpListener, drain: crate::drain::Watch, handler: F)
 where
-    F: Fn(TcpStream, PeerAddr) -> Fut,
+    F: Fn(TcpStream, PeerAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
@@ -162,11 +164,14 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
-                let conn = handler(stream, PeerAddr(peer));
-                let watch = drain.clone();
+                let _ = stream.set_nodelay(true);
+                let (handler, watch) = (handler.clone(), drain.clone());
+                // The handler's future is made inside the task, straight into the select: one
+                // made outside would be stored twice in the task (captured, then selected
+                // on), and the task lives as long as the connection.
                 tokio::spawn(async move {
                     tokio::select! {
-                        () = conn => {}
+                        () = handler(stream, PeerAddr(peer)) => {}
                         () = watch.closed() => {}
                     }
                     drop(watch);

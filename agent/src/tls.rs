@@ -39,14 +39,18 @@ static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TL
 /// The crypto provider for every HBONE connection: aws-lc-rs with the two TLS 1.3 AES-GCM suites
 /// (no ChaCha20, which is far slower than AES-GCM on hardware with AES instructions) and the
 /// provider's default key-exchange groups.
+///
+/// AES-128-GCM comes first, as in BoringSSL's (Envoy's) TLS 1.3 order: the two are both
+/// strong, and AES-128 does 10 rounds to AES-256's 14, which shows in a tunnel's CPU per byte
+/// (encryption and decryption are a quarter of both agents' work under bulk traffic).
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
             Arc::new(CryptoProvider {
                 cipher_suites: vec![
-                    aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
                     aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+                    aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
                 ],
                 ..aws_lc_rs::default_provider()
             })

@@ -10,6 +10,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
+use std::pin::{Pin, pin};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -37,9 +38,17 @@ enum End {
 }
 
 /// A read buffer that grows with traffic and gives back what it does not use.
+///
+/// No memory is held while a connection waits for data: the buffer is taken only once the
+/// socket is readable, and let go after a read that drained the socket (one that did not fill
+/// the buffer) or found nothing to read. A busy stream keeps its buffer from read to read; an
+/// idle connection holds none, whatever its past traffic. (The allocator keeps freed buffers
+/// for reuse, see `main.rs`, so letting go is cheap.)
 struct Buf {
     buf: BytesMut,
     size: usize,
+    /// The last read filled the buffer.
+    full: bool,
 }
 
 impl Buf {
@@ -47,31 +56,42 @@ impl Buf {
         Self {
             buf: BytesMut::new(),
             size: MIN_BUF,
+            full: false,
         }
     }
 
     /// Reads once from `sock` into the buffer, then sizes the next read by how full this one
     /// was.
     async fn read_from(&mut self, sock: &TcpStream) -> io::Result<usize> {
-        if self.buf.capacity() < self.size {
-            self.buf.reserve(self.size);
-        }
-        let n = read_buf(sock, &mut self.buf).await?;
-        if n >= self.size && self.size < MAX_BUF {
+        let n = loop {
+            sock.readable().await?;
+            if self.buf.capacity() < self.size {
+                self.buf.reserve(self.size);
+            }
+            match sock.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale: wait for data without holding memory.
+                    self.buf = BytesMut::new();
+                }
+                other => break other?,
+            }
+        };
+        self.full = n >= self.size;
+        if self.full && self.size < MAX_BUF {
             self.size *= 2;
         } else if n < self.size / 4 && self.size > MIN_BUF {
             self.size /= 2;
         }
         Ok(n)
     }
-}
 
-pub(crate) async fn read_buf(sock: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        sock.readable().await?;
-        match sock.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
+    /// Called once the bytes read were passed on: keeps the buffer for the next read while the
+    /// socket is likely to have more (the last read filled it), releases it otherwise.
+    fn consumed(&mut self) {
+        if !self.full {
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.clear();
         }
     }
 }
@@ -110,7 +130,7 @@ async fn tcp_to_tcp(from: &TcpStream, to: &TcpStream, count: &mut u64) -> End {
             Ok(n) => {
                 *count += n as u64;
                 let res = write_all(to, &buf.buf[..n]).await;
-                buf.buf.clear();
+                buf.consumed();
                 if let Err(e) = res {
                     return End::Reset(e);
                 }
@@ -122,17 +142,20 @@ async fn tcp_to_tcp(from: &TcpStream, to: &TcpStream, count: &mut u64) -> End {
 
 /// Runs both directions to their end; each passes its own EOF on as a half-close. When one
 /// ends with a reset, `on_reset` tears both sides down and the other direction is abandoned.
+///
+/// The directions come pinned by the caller: passed by value, each would be stored twice in
+/// this future (as argument and as pinned local), and the future lives as long as the
+/// connection.
 async fn join_directions(
-    up: impl Future<Output = End>,
-    down: impl Future<Output = End>,
+    mut up: Pin<&mut impl Future<Output = End>>,
+    mut down: Pin<&mut impl Future<Output = End>>,
     on_reset: impl FnOnce(),
 ) -> io::Result<()> {
-    tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         let end = tokio::select! {
-            end = &mut up, if !up_done => { up_done = true; end }
-            end = &mut down, if !down_done => { down_done = true; end }
+            end = up.as_mut(), if !up_done => { up_done = true; end }
+            end = down.as_mut(), if !down_done => { down_done = true; end }
         };
         if let End::Reset(e) = end {
             on_reset();
@@ -146,8 +169,8 @@ async fn join_directions(
 pub async fn tcp(a: &TcpStream, b: &TcpStream) -> io::Result<Transferred> {
     let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
     let result = join_directions(
-        tcp_to_tcp(a, b, &mut a_to_b),
-        tcp_to_tcp(b, a, &mut b_to_a),
+        pin!(tcp_to_tcp(a, b, &mut a_to_b)),
+        pin!(tcp_to_tcp(b, a, &mut b_to_a)),
         || {
             reset(a);
             reset(b);
@@ -191,6 +214,7 @@ async fn tcp_to_h2(from: &TcpStream, to: &mut SendStream<Bytes>, count: &mut u64
         };
         *count += n as u64;
         let mut data = buf.buf.split().freeze();
+        buf.consumed();
         while !data.is_empty() {
             to.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| to.poll_capacity(cx)).await {
@@ -246,8 +270,8 @@ pub async fn tunnel(
     let result = {
         let send = &mut send;
         join_directions(
-            tcp_to_h2(sock, send, &mut a_to_b),
-            h2_to_tcp(&mut recv, sock, &mut b_to_a),
+            pin!(tcp_to_h2(sock, send, &mut a_to_b)),
+            pin!(h2_to_tcp(&mut recv, sock, &mut b_to_a)),
             || reset(sock),
         )
         .await

@@ -168,20 +168,15 @@ impl Refusal {
 impl Stream {
     async fn serve(self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let started = Instant::now();
-        let mut rec = ConnectionRecord {
-            direction: Direction::InboundHbone,
-            src: client_addr(&req).unwrap_or(self.peer.0),
-            dst: self.local,
-            local_identity: Some(self.workload.identity().clone()),
-            peer_identity: self.peer_id.clone(),
-            sent: 0,
-            received: 0,
-            duration: Default::default(),
-            error: None,
-        };
-        match self.connect(&req, rec.src.ip()).await {
+        let src = client_addr(&req).unwrap_or(self.peer.0);
+        let mut dst = self.local;
+        // The tunnel's client is the peer: bytes it sent are "sent". The record is built at
+        // the end, so the task (alive as long as the connection) does not carry it.
+        let (mut sent, mut received) = (0, 0);
+        // Boxed so the task does not carry the connect state's size either.
+        let error = match Box::pin(self.connect(&req, src.ip())).await {
             Ok((authority, upstream, mut tracked)) => {
-                rec.dst = authority;
+                dst = authority;
                 let response = Response::builder()
                     .status(StatusCode::OK)
                     .header(
@@ -193,18 +188,20 @@ impl Stream {
                 match respond.send_response(response, false) {
                     Ok(send) => tokio::select! {
                         copied = copy::tunnel(&upstream, send, req.into_body()) => match copied {
-                            // The tunnel's client is the peer: bytes it sent are "sent".
-                            Ok(t) => (rec.received, rec.sent) = (t.a_to_b, t.b_to_a),
-                            Err(e) => rec.error = Some(e.to_string()),
+                            Ok(t) => {
+                                (received, sent) = (t.a_to_b, t.b_to_a);
+                                None
+                            }
+                            Err(e) => Some(e.to_string()),
                         },
                         why = tracked.revoked() => {
                             // Dropping the tunnel's stream handles resets the stream; the
                             // application sees a reset too.
                             copy::reset(&upstream);
-                            rec.error = Some(format!("closed: now denied by authorization policy: {why}"));
+                            Some(format!("closed: now denied by authorization policy: {why}"))
                         }
                     },
-                    Err(e) => rec.error = Some(format!("sending 200: {e}")),
+                    Err(e) => Some(format!("sending 200: {e}")),
                 }
             }
             Err(refusal) => {
@@ -213,11 +210,20 @@ impl Stream {
                     .body(())
                     .expect("static response is valid");
                 let _ = respond.send_response(response, true);
-                rec.error = Some(format!("{} ({})", refusal, refusal.status()));
+                Some(format!("{} ({})", refusal, refusal.status()))
             }
-        }
-        rec.duration = started.elapsed();
-        self.proxy.events.record(rec);
+        };
+        self.proxy.events.record(ConnectionRecord {
+            direction: Direction::InboundHbone,
+            src,
+            dst,
+            local_identity: Some(self.workload.identity().clone()),
+            peer_identity: self.peer_id.clone(),
+            sent,
+            received,
+            duration: started.elapsed(),
+            error,
+        });
     }
 
     /// Checks the request and the policy, then connects to the workload, as `client` where

@@ -89,32 +89,6 @@ pub enum Upstream {
     Tcp(TcpStream),
 }
 
-impl Upstream {
-    fn direction(&self) -> Direction {
-        match self {
-            Upstream::Hbone { .. } => Direction::OutboundHbone,
-            Upstream::Tcp(_) => Direction::OutboundPassthrough,
-        }
-    }
-
-    fn peer(&self) -> Option<Identity> {
-        match self {
-            Upstream::Hbone { peer, .. } => peer.clone(),
-            Upstream::Tcp(_) => None,
-        }
-    }
-
-    /// Copies between the client and the upstream until both directions ended.
-    pub async fn copy(self, client: &TcpStream) -> io::Result<copy::Transferred> {
-        match self {
-            Upstream::Hbone {
-                send, recv, _slot, ..
-            } => copy::tunnel(client, send, recv).await,
-            Upstream::Tcp(server) => copy::tcp(client, &server).await,
-        }
-    }
-}
-
 /// Serves one captured connection from `source`.
 pub async fn handle(
     proxy: Arc<Proxy>,
@@ -131,11 +105,16 @@ pub async fn handle(
         }
     };
     let started = Instant::now();
-    let result = open(&proxy, &net, &source, peer, dst).await;
+    // Opening (resolve, pool, TLS and HTTP/2 handshakes) is boxed: its state lives only until
+    // the upstream is open, so the task that then lives as long as the connection stays small.
+    let result = Box::pin(open(&proxy, &net, &source, peer, dst)).await;
     finish(&proxy, &source, &client, peer, dst, started, result).await;
 }
 
 /// Copies a connection whose upstream was opened (or failed) and records the outcome.
+///
+/// The record is built once the copy ended, and the upstream's parts move straight into the
+/// copy: this future lives as long as the connection, so nothing is kept in it twice.
 pub async fn finish(
     proxy: &Proxy,
     source: &Workload,
@@ -145,37 +124,55 @@ pub async fn finish(
     started: Instant,
     opened: Result<Upstream, Error>,
 ) {
-    let mut rec = ConnectionRecord {
-        direction: Direction::OutboundPassthrough,
-        src: peer.0,
-        dst: dst.0,
-        local_identity: Some(source.identity().clone()),
-        peer_identity: None,
-        sent: 0,
-        received: 0,
-        duration: Default::default(),
-        error: None,
-    };
-    match opened {
-        Ok(upstream) => {
-            rec.direction = upstream.direction();
-            rec.peer_identity = upstream.peer();
-            match upstream.copy(client).await {
-                Ok(t) => (rec.sent, rec.received) = (t.a_to_b, t.b_to_a),
-                Err(e) => rec.error = Some(e.to_string()),
-            }
+    let (direction, peer_identity, copied) = match opened {
+        Ok(Upstream::Hbone {
+            send,
+            recv,
+            peer,
+            _slot,
+        }) => {
+            let copied = copy::tunnel(client, send, recv).await;
+            drop(_slot);
+            (
+                Direction::OutboundHbone,
+                peer,
+                copied.map_err(|e| e.to_string()),
+            )
+        }
+        Ok(Upstream::Tcp(server)) => {
+            let copied = copy::tcp(client, &server).await;
+            (
+                Direction::OutboundPassthrough,
+                None,
+                copied.map_err(|e| e.to_string()),
+            )
         }
         Err(e) => {
             // The client must see a failure, not an orderly close.
             copy::reset(client);
-            if e.tunnelled() {
-                rec.direction = Direction::OutboundHbone;
-            }
-            rec.error = Some(e.to_string());
+            let direction = if e.tunnelled() {
+                Direction::OutboundHbone
+            } else {
+                Direction::OutboundPassthrough
+            };
+            (direction, None, Err(e.to_string()))
         }
-    }
-    rec.duration = started.elapsed();
-    proxy.events.record(rec);
+    };
+    let (sent, received, error) = match copied {
+        Ok(t) => (t.a_to_b, t.b_to_a, None),
+        Err(e) => (0, 0, Some(e)),
+    };
+    proxy.events.record(ConnectionRecord {
+        direction,
+        src: peer.0,
+        dst: dst.0,
+        local_identity: Some(source.identity().clone()),
+        peer_identity,
+        sent,
+        received,
+        duration: started.elapsed(),
+        error,
+    });
 }
 
 /// Resolves `dst` for `source` and connects from `net`: HBONE to a mesh workload that accepts

@@ -461,13 +461,13 @@ async fn peer_offering_only_chacha20_or_tls12_is_refused() {
 }
 
 #[test]
-fn provider_offers_only_the_two_aes_gcm_suites() {
+fn provider_offers_only_the_two_aes_gcm_suites_aes_128_first() {
     let suites: Vec<CipherSuite> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
     assert_eq!(
         suites,
         [
-            CipherSuite::TLS13_AES_256_GCM_SHA384,
-            CipherSuite::TLS13_AES_128_GCM_SHA256
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+            CipherSuite::TLS13_AES_256_GCM_SHA384
         ]
     );
     let groups = |p: &CryptoProvider| p.kx_groups.iter().map(|g| g.name()).collect::<Vec<_>>();
