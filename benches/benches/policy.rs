@@ -4,15 +4,16 @@
 
 use std::hint::black_box;
 
+use benches::policy;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn evaluation(c: &mut Criterion) {
-    let conn = benches::connection();
+    let conn = policy::connection();
     let mut group = c.benchmark_group("authorize");
-    for total in [benches::APPLYING, 10_000] {
-        let state = benches::mesh(total);
+    for total in [policy::APPLYING, 10_000] {
+        let state = policy::mesh(total);
         group.bench_function(format!("{total}_policies"), |b| {
-            b.iter(|| black_box(state.authorize(black_box(benches::DESTINATION), &conn)))
+            b.iter(|| black_box(state.authorize(black_box(policy::DESTINATION), &conn)))
         });
     }
     group.finish();
