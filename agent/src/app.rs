@@ -16,15 +16,17 @@ use identity::{Identity, WorkloadCertificate};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{CaSource, Config, Mode};
+use crate::config::{CaSource, Config, Enrollment, Mode};
 use crate::drain;
 use crate::enrollment::Source;
+use crate::enrollment::kube::{self as kube_source, KubeSource};
 use crate::enrollment::mesh::MeshSource;
 use crate::events::{ConnectionRecord, Events};
 use crate::mesh;
 use crate::netns::Home;
 use crate::proxy::authorization::{self, Registry};
 use crate::proxy::{self, Proxy, pool::Pool, socks5};
+use crate::readiness::{self, Readiness};
 use crate::tls::Credentials;
 use pods::Pods;
 
@@ -35,6 +37,7 @@ pub enum Role {
     InboundPlaintext,
     Hbone,
     Socks5,
+    Readiness,
 }
 
 #[derive(Debug, Clone)]
@@ -49,8 +52,9 @@ pub struct Listener {
 pub struct Agent {
     proxy: Arc<Proxy>,
     pods: Arc<Pods>,
-    /// Listeners that belong to no pod (SOCKS5).
+    /// Listeners that belong to no pod (SOCKS5, readiness).
     own: Vec<Listener>,
+    readiness: Readiness,
     mesh_file: PathBuf,
     mode: Mode,
     enrollment: tokio::task::JoinHandle<()>,
@@ -169,22 +173,52 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         home,
         cfg.drain_deadline,
     ));
-    let mut source = MeshSource::new(state, node.clone());
-    let initial = source.initial().await?;
-    for pod in initial {
-        if let Err(e) = pods.enroll(pod).await {
-            pods.unenroll_all().await;
-            return Err(e.into());
-        }
-    }
-    pods.refresh_wanted();
-    let enrollment = {
-        let pods = pods.clone();
-        tokio::spawn(async move {
-            while let Some(change) = source.next().await {
-                pods.apply(change).await;
+    let readiness = Readiness::new();
+    let xds_ready = xds.as_ref().map(xds::client::Client::ready);
+    let enrollment = match &cfg.enrollment {
+        Enrollment::MeshFile => {
+            // A mistake in the file is an error before anything is served.
+            let mut source = MeshSource::new(state, node.clone());
+            let initial = source.initial().await?;
+            for pod in initial {
+                if let Err(e) = pods.enroll(pod).await {
+                    pods.unenroll_all().await;
+                    return Err(e.into());
+                }
             }
-        })
+            pods.refresh_wanted();
+            tokio::spawn(follow(source, pods.clone()))
+        }
+        Enrollment::Kubernetes(kube) => {
+            let client = kube_source::client(kube).await?;
+            let mut source = KubeSource::new(
+                client,
+                kube.clone(),
+                &node,
+                &cfg.proxy.cluster_id,
+                state,
+                &readiness,
+            );
+            let pods = pods.clone();
+            let mut xds_ready = xds_ready.clone();
+            tokio::spawn(async move {
+                // Pods map to workloads: in istio mode, wait for them to arrive first.
+                if let Some(ready) = &mut xds_ready {
+                    ready.wait().await;
+                }
+                match source.initial().await {
+                    Ok(initial) => {
+                        for pod in initial {
+                            let outcome =
+                                pods.apply(crate::enrollment::Change::Enrolled(pod)).await;
+                            source.report(outcome.map_err(|e| e.to_string()));
+                        }
+                        follow(source, pods).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "enrollment stopped"),
+                }
+            })
+        }
     };
     let (trigger, watch) = drain::channel();
     let mut tasks = JoinSet::new();
@@ -197,16 +231,33 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     if let (Some(watcher), Some(interval)) = (watcher, cfg.mesh_poll) {
         tasks.spawn(watcher.run(proxy.state.clone(), interval));
     }
-    let xds_ready = match xds {
-        Some(client) => {
-            let ready = client.ready();
-            let stop = watch.clone();
-            tasks.spawn(async move { client.run(async move { stop.draining().await }).await });
-            Some(ready)
-        }
-        None => None,
-    };
+    if let Some(client) = xds {
+        let stop = watch.clone();
+        tasks.spawn(async move { client.run(async move { stop.draining().await }).await });
+    }
+    if let Some(mut ready) = xds_ready.clone() {
+        let block = readiness.block("xds: first sync");
+        tasks.spawn(async move {
+            ready.wait().await;
+            drop(block);
+        });
+    }
     let mut own = Vec::new();
+    if let Some(addr) = cfg.readiness {
+        let listener =
+            proxy::bind(addr).with_context(|| format!("binding the readiness listener {addr}"))?;
+        let local = listener.local_addr()?;
+        own.push(Listener {
+            role: Role::Readiness,
+            workload: None,
+            addr: local,
+        });
+        let stop = watch.clone();
+        tasks.spawn(readiness::serve(listener, readiness.clone(), async move {
+            stop.draining().await
+        }));
+        tracing::info!(role = ?Role::Readiness, addr = %local, path = readiness::PATH, "listening");
+    }
     if let Some(addr) = cfg.socks5 {
         let listener =
             proxy::bind(addr).with_context(|| format!("binding the SOCKS5 listener {addr}"))?;
@@ -219,13 +270,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         tasks.spawn(proxy::serve(listener, watch.clone(), move |s, peer| {
             socks5::handle(p.clone(), s, peer)
         }));
-        tracing::info!(role = ?Role::Socks5, addr = %own[0].addr, "listening");
+        tracing::info!(role = ?Role::Socks5, addr = %own.last().expect("just pushed").addr, "listening");
     }
     drop(watch);
     Ok(Agent {
         proxy,
         pods,
         own,
+        readiness,
         mesh_file: cfg.mesh_file,
         mode: cfg.mode,
         enrollment,
@@ -256,6 +308,11 @@ impl Agent {
     /// response of every xDS type was applied (it stays so across reconnects).
     pub fn xds_synced(&self) -> bool {
         self.xds_ready.as_ref().is_none_or(|r| r.is_ready())
+    }
+
+    /// Whether the agent reports ready on `/healthz/ready`, and what holds it back.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
     }
 
     pub fn pool(&self) -> &Pool {
@@ -307,6 +364,14 @@ impl Agent {
         } else {
             pods
         }
+    }
+}
+
+/// Acts on every change of `source` and tells it how each went, until the source ends.
+async fn follow(mut source: impl Source, pods: Arc<Pods>) {
+    while let Some(change) = source.next().await {
+        let outcome = pods.apply(change).await;
+        source.report(outcome.map_err(|e| e.to_string()));
     }
 }
 

@@ -39,6 +39,22 @@ impl CaptureSettings {
     }
 }
 
+impl CaptureSettings {
+    /// Rules for both families: removing them takes away whatever of ours a namespace has,
+    /// whichever addresses its pod had.
+    pub fn plan_all_families(&self, ports: Ports) -> Result<RuleSet, ConfigError> {
+        RuleSet::plan(&CaptureConfig {
+            inbound: self.inbound,
+            ipv4: true,
+            ipv6: true,
+            outbound_port: ports.outbound,
+            inbound_plaintext_port: ports.inbound_plaintext,
+            inbound_hbone_port: ports.hbone,
+            ..CaptureConfig::default()
+        })
+    }
+}
+
 /// Parses `iptables` / `nftables` (also `nft`).
 pub fn parse_backend(s: &str) -> Result<Backend, String> {
     match s {

@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::capture::{CaptureSettings, parse_backend, parse_inbound_mode};
 use crate::config::{
-    CaConfig, CaSource, Config, H2Config, IstioConfig, Mode, ProxyConfig, parse_duration,
+    CaConfig, CaSource, Config, Enrollment, H2Config, IstioConfig, KubernetesConfig, Mode,
+    ProxyConfig, parse_duration,
 };
 use crate::proxy::pool::PoolConfig;
 
@@ -116,6 +117,15 @@ pub enum CaCommand {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnrollmentName {
+    /// The mesh state's workloads on this node, with their `netns`.
+    MeshFile,
+    /// Namespaces labelled `istio.io/dataplane-mode=ambient` and this node's pods, watched on
+    /// the Kubernetes API.
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -229,6 +239,23 @@ pub struct RunArgs {
     /// How inbound traffic reaches the agent in a pod: redirect (NAT) or tproxy.
     #[arg(long, env = "INBOUND_MODE", default_value = "redirect", value_parser = parse_inbound_mode)]
     pub inbound_mode: redirect::InboundMode,
+    /// Which pods are enrolled: the mesh file's workloads on this node (`mesh-file`), or the
+    /// pods of this node in ambient namespaces, watched on the Kubernetes API (`kubernetes`).
+    #[arg(long, env = "AMBIENTD_ENROLLMENT", default_value = "mesh-file")]
+    pub enrollment: EnrollmentName,
+    /// The host's /proc as the agent sees it (the DaemonSet mounts it at /host/proc); pods'
+    /// network namespaces are found there (kubernetes enrollment).
+    #[arg(long, env = "HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
+    /// Kubeconfig file(s), `:`-separated; default: in-cluster config, else ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<String>,
+    /// Turn unready when the Kubernetes API has been out of reach this long.
+    #[arg(long, env = "KUBE_UNREADY_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub kube_unready_after: Duration,
+    /// Where /healthz/ready is served, or `off`.
+    #[arg(long, env = "READINESS_ADDRESS", default_value = "0.0.0.0:15021")]
+    pub readiness_address: String,
 }
 
 impl RunArgs {
@@ -272,6 +299,26 @@ impl RunArgs {
                 PathBuf::new(),
             ),
         };
+        let readiness = match self.readiness_address.as_str() {
+            "off" => None,
+            addr => Some(addr.parse::<SocketAddr>().map_err(|e| {
+                format!("--readiness-address {addr:?} is not an address:port or `off`: {e}")
+            })?),
+        };
+        let enrollment = match self.enrollment {
+            EnrollmentName::MeshFile => Enrollment::MeshFile,
+            EnrollmentName::Kubernetes => Enrollment::Kubernetes(KubernetesConfig {
+                host_proc: self.host_proc,
+                kubeconfig: self
+                    .kubeconfig
+                    .iter()
+                    .flat_map(|list| list.split(':'))
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+                    .collect(),
+                unready_after: self.kube_unready_after,
+            }),
+        };
         let defaults = H2Config::default();
         Ok(Config {
             mode,
@@ -304,6 +351,8 @@ impl RunArgs {
                 ..CaptureSettings::default()
             },
             drain_deadline: self.drain_deadline,
+            enrollment,
+            readiness,
         })
     }
 }
@@ -447,6 +496,50 @@ mod tests {
             run(&["--mesh", "m", "--node", "n", "--ca-cert", "c.pem"])
                 .unwrap_err()
                 .contains("--ca-key")
+        );
+    }
+
+    #[test]
+    fn kubernetes_enrollment_and_readiness_settings() {
+        let cfg = run(&["--mesh", "m", "--node", "n"]).unwrap();
+        assert!(matches!(cfg.enrollment, Enrollment::MeshFile));
+        assert_eq!(cfg.readiness, Some("0.0.0.0:15021".parse().unwrap()));
+        let cfg = run(&[
+            "--mesh",
+            "m",
+            "--node",
+            "n",
+            "--enrollment",
+            "kubernetes",
+            "--host-proc",
+            "/host/proc",
+            "--kubeconfig",
+            "/a/config:/b/config",
+            "--kube-unready-after",
+            "5s",
+            "--readiness-address",
+            "off",
+        ])
+        .unwrap();
+        let Enrollment::Kubernetes(kube) = cfg.enrollment else {
+            panic!("expected kubernetes enrollment")
+        };
+        assert_eq!(kube.host_proc, PathBuf::from("/host/proc"));
+        assert_eq!(
+            kube.kubeconfig,
+            vec![PathBuf::from("/a/config"), PathBuf::from("/b/config")]
+        );
+        assert_eq!(kube.unready_after, Duration::from_secs(5));
+        assert_eq!(cfg.readiness, None);
+        assert!(
+            run(&["--mesh", "m", "--node", "n", "--readiness-address", "15021"])
+                .unwrap_err()
+                .contains("--readiness-address")
+        );
+        assert!(
+            run(&["--mesh", "m", "--node", "n", "--enrollment", "static"])
+                .unwrap_err()
+                .contains("kubernetes")
         );
     }
 

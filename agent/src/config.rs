@@ -113,6 +113,43 @@ pub struct Config {
     pub capture: CaptureSettings,
     /// How long SIGTERM waits for open connections before closing them.
     pub drain_deadline: Duration,
+    /// Which pods of this node are enrolled.
+    pub enrollment: Enrollment,
+    /// Where `/healthz/ready` is served; `None`: not served (in-process tests).
+    pub readiness: Option<SocketAddr>,
+}
+
+/// Where enrollment comes from.
+#[derive(Debug, Clone, Default)]
+pub enum Enrollment {
+    /// The mesh state's workloads on this node, each in the namespace its `netns` names
+    /// (local mode's mesh file; in istio mode, the workloads xDS places on this node).
+    #[default]
+    MeshFile,
+    /// Namespaces and pods of this node watched on the Kubernetes API.
+    Kubernetes(KubernetesConfig),
+}
+
+/// How the Kubernetes enrollment reaches the API and the pods' namespaces.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// The host's `/proc` as the agent sees it: a pod's network namespace is found from the
+    /// cgroup of its processes there.
+    pub host_proc: PathBuf,
+    /// Kubeconfig files (merged in order); empty: in-cluster config, or `~/.kube/config`.
+    pub kubeconfig: Vec<PathBuf>,
+    /// The agent turns unready when the API has been out of reach this long.
+    pub unready_after: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            host_proc: PathBuf::from("/proc"),
+            kubeconfig: Vec::new(),
+            unready_after: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Local: the mesh file and the built-in CA. Istio: delta xDS and the Istio CA.

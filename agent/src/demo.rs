@@ -47,6 +47,8 @@ pub fn agent_config(dir: &Path, node: &str) -> Config {
         },
         capture: Default::default(),
         drain_deadline: Duration::from_secs(2),
+        enrollment: Default::default(),
+        readiness: None,
     }
 }
 

@@ -3,10 +3,14 @@
 //! A [`Source`] reports the pods enrolled at start, then each enrollment and un-enrollment.
 //! The agent turns them into capture rules and listeners (`app::pods`); the source only
 //! decides *which* pods. [`mesh::MeshSource`] is the static source of local mode (the mesh
-//! file's workloads on this node, with their `netns`); the Kubernetes watch implements the
-//! same trait.
+//! file's workloads on this node, with their `netns`); [`kube::KubeSource`] watches
+//! namespaces and this node's pods on the Kubernetes API. The agent tells the source what
+//! became of each change ([`Source::report`]), so a source can record it (the Kubernetes one
+//! annotates the pod) and retry failures.
 
+pub mod kube;
 pub mod mesh;
+pub mod procfs;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -26,7 +30,15 @@ pub struct Pod {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Enrolled(Pod),
-    Unenrolled { uid: String },
+    Unenrolled {
+        uid: String,
+    },
+    /// Remove every capture rule of ours from `netns`, which no enrolled pod owns: a pod that
+    /// left the mesh while no agent served it. `pod` names it in logs.
+    Cleanup {
+        pod: String,
+        netns: PathBuf,
+    },
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -46,4 +58,8 @@ pub trait Source: Send + 'static {
 
     /// The next change after those already reported; `None` when the source has ended.
     fn next(&mut self) -> BoxFuture<'_, Option<Change>>;
+
+    /// What became of the last change [`Source::next`] returned, before `next` is called
+    /// again. Sources that only list pods ignore it.
+    fn report(&mut self, _outcome: Result<(), String>) {}
 }

@@ -18,4 +18,5 @@ pub mod events;
 pub mod mesh;
 pub mod netns;
 pub mod proxy;
+pub mod readiness;
 pub mod tls;

@@ -241,6 +241,9 @@ fn run_serves_until_sigterm_then_exits_cleanly() {
             state.to_str().unwrap(),
             "--drain-deadline",
             "2s",
+            // Port 15021 of the machine is not ours to take.
+            "--readiness-address",
+            "127.0.0.1:0",
         ])
         .env("RUST_LOG", "info")
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))

@@ -5,6 +5,7 @@
 //! processes) never fight over the agents' fixed ports; everything lives in a temporary
 //! directory and stops when the fixture drops.
 
+pub mod kube_api;
 pub mod netns;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -121,6 +122,8 @@ pub fn config(mesh: &Path, ca_dir: &Path, node: &str) -> Config {
         },
         capture: Default::default(),
         drain_deadline: Duration::from_secs(2),
+        enrollment: Default::default(),
+        readiness: None,
     }
 }
 

@@ -72,7 +72,7 @@ impl NodeAgent {
         node: &str,
         mesh: PathBuf,
         ca_dir: &Path,
-        capture: &[&str],
+        args: &[&str],
         log: PathBuf,
     ) -> anyhow::Result<NodeAgent> {
         let out = std::fs::File::create(&log)?;
@@ -92,7 +92,7 @@ impl NodeAgent {
                 "--cert-ttl",
                 "1h",
             ])
-            .args(capture)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,8 +206,8 @@ pub struct Cluster {
     pub topology: Topology,
     pub dir: tempfile::TempDir,
     bin: PathBuf,
-    /// `--capture-backend B --inbound-mode M`.
-    capture: [String; 4],
+    /// `--capture-backend B --inbound-mode M` and any further flags of every agent.
+    args: Vec<String>,
     started: usize,
 }
 
@@ -215,6 +215,18 @@ impl Cluster {
     /// Builds `nodes` (pod names per node) plus a host outside the mesh, and starts an agent
     /// per node with the given capture flags; returns once every pod is enrolled.
     pub async fn start(nodes: &[&[&str]], backend: &str, inbound: &str) -> anyhow::Result<Self> {
+        let mut cluster = Cluster::build(nodes, backend, inbound)?;
+        for n in 1..=cluster.topology.nodes.len() {
+            cluster.start_agent(n)?;
+        }
+        for n in 1..=cluster.topology.nodes.len() {
+            cluster.wait_enrolled(n).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The topology, its mesh files and the CA, with no agent started yet.
+    pub fn build(nodes: &[&[&str]], backend: &str, inbound: &str) -> anyhow::Result<Self> {
         let bin = ambientd_bin()?;
         let topology = Topology::build(nodes, true)?;
         let dir = tempfile::Builder::new()
@@ -227,7 +239,7 @@ impl Cluster {
             topology,
             dir,
             bin,
-            capture: [
+            args: vec![
                 "--capture-backend".into(),
                 backend.into(),
                 "--inbound-mode".into(),
@@ -238,15 +250,14 @@ impl Cluster {
         for node in &cluster.topology.nodes {
             let mesh = cluster.dir.path().join(format!("mesh-{}.yaml", node.name));
             std::fs::write(&mesh, cluster.mesh_yaml(&[]))?;
-        }
-        for n in 1..=cluster.topology.nodes.len() {
             cluster.agents.push(None);
-            cluster.start_agent(n)?;
-        }
-        for n in 1..=cluster.topology.nodes.len() {
-            cluster.wait_enrolled(n).await?;
         }
         Ok(cluster)
+    }
+
+    /// Adds flags to every agent started from now on.
+    pub fn add_args<S: Into<String>>(&mut self, args: impl IntoIterator<Item = S>) {
+        self.args.extend(args.into_iter().map(Into::into));
     }
 
     /// Starts node `n`'s agent (again) on its mesh file.
@@ -254,14 +265,14 @@ impl Cluster {
         ensure!(self.agents[n - 1].is_none(), "node {n}'s agent is running");
         let node = self.topology.node(n);
         self.started += 1;
-        let capture: Vec<&str> = self.capture.iter().map(String::as_str).collect();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let agent = NodeAgent::spawn(
             &self.bin,
             &node.ns,
             &node.name,
             self.dir.path().join(format!("mesh-{}.yaml", node.name)),
             &self.dir.path().join("ca"),
-            &capture,
+            &args,
             self.dir
                 .path()
                 .join(format!("{}-{}.log", node.name, self.started)),
@@ -304,6 +315,11 @@ impl Cluster {
             }
         }
         yaml
+    }
+
+    /// The agent of node `n` (1-based), to wait on its log.
+    pub fn agent_mut(&mut self, n: usize) -> &mut NodeAgent {
+        self.agents[n - 1].as_mut().expect("agent is running")
     }
 
     /// The agent of node `n` (1-based).

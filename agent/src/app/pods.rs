@@ -115,21 +115,48 @@ impl Pods {
             .collect()
     }
 
-    /// Acts on one change of the enrollment source; failures are logged (the pod stays
-    /// un-enrolled, its traffic uncaptured unless rules were left by an earlier agent).
-    pub async fn apply(&self, change: Change) {
-        match change {
+    /// Acts on one change of the enrollment source and says how it went; failures are also
+    /// logged (the pod stays un-enrolled, its traffic uncaptured unless rules were left by an
+    /// earlier agent).
+    pub async fn apply(&self, change: Change) -> Result<(), EnrollError> {
+        let result = match change {
             Change::Enrolled(pod) => {
                 let uid = pod.uid.clone();
-                if let Err(e) = self.enroll(pod).await {
+                let result = self.enroll(pod).await;
+                if let Err(e) = &result {
                     tracing::error!(pod = %uid, error = %e, "enrollment failed");
                 }
+                result
             }
-            Change::Unenrolled { uid } => {
-                self.unenroll(&uid).await;
-            }
-        }
+            Change::Unenrolled { uid } => self.leave(&uid).await.map(drop),
+            Change::Cleanup { pod, netns } => self.cleanup(&pod, &netns).await,
+        };
         self.refresh_wanted();
+        result
+    }
+
+    /// Removes whatever capture rules of ours `netns` holds, for `pod` that is enrolled
+    /// nowhere (it left the mesh while no agent served it).
+    pub async fn cleanup(&self, pod: &str, netns: &std::path::Path) -> Result<(), EnrollError> {
+        let plan = self
+            .capture
+            .plan_all_families(self.proxy.cfg.ports)
+            .map_err(|source| EnrollError::Plan {
+                uid: pod.to_owned(),
+                source,
+            })?;
+        let installed = Installed {
+            netns: Arc::new(
+                redirect::Netns::open(netns).map_err(|e| EnrollError::Rules {
+                    uid: pod.to_owned(),
+                    source: e.into(),
+                })?,
+            ),
+            plan: Arc::new(plan),
+        };
+        self.remove_rules(pod, installed).await?;
+        tracing::info!(pod = %pod, netns = %netns.display(), "capture rules of a pod out of the mesh cleaned up");
+        Ok(())
     }
 
     /// Tells the certificate cache which identities this node needs now: new ones are fetched
@@ -192,7 +219,7 @@ impl Pods {
             }
             Err(e) => {
                 if let Some(rules) = rules {
-                    self.remove_rules(&uid, rules).await;
+                    let _ = self.remove_rules(&uid, rules).await;
                 }
                 Err(e)
             }
@@ -239,7 +266,7 @@ impl Pods {
         match pod {
             Ok(pod) => Ok((Net::Pod(Arc::new(pod)), installed)),
             Err(source) => {
-                self.remove_rules(uid, installed).await;
+                let _ = self.remove_rules(uid, installed).await;
                 Err(EnrollError::Netns {
                     uid: uid.clone(),
                     source,
@@ -304,7 +331,7 @@ impl Pods {
                             plaintext::handle(p.clone(), n.clone(), w.clone(), s, peer)
                         }))
                     }
-                    Role::Socks5 => unreachable!("not a pod listener"),
+                    Role::Socks5 | Role::Readiness => unreachable!("not a pod listener"),
                 };
             }
         }
@@ -314,33 +341,43 @@ impl Pods {
     /// Un-enrolls `uid`: stops its listeners, removes its rules, drains its connections.
     /// Returns whether it was enrolled.
     pub async fn unenroll(&self, uid: &str) -> bool {
+        self.leave(uid).await.unwrap_or(true)
+    }
+
+    /// [`Pods::unenroll`], failing when the rules could not be removed.
+    async fn leave(&self, uid: &str) -> Result<bool, EnrollError> {
         let Some(mut pod) = self.enrolled().remove(uid) else {
-            return false;
+            return Ok(false);
         };
         let drain = tokio::spawn(pod.trigger.drain(self.drain_deadline));
         for ip in &pod.addresses {
             self.proxy.pool.forget_source(*ip);
         }
         let netns = pod.rules.as_ref().map(|r| r.netns.path().to_owned());
-        if let Some(rules) = pod.rules.take() {
-            self.remove_rules(uid, rules).await;
-        }
+        let removed = match pod.rules.take() {
+            Some(rules) => self.remove_rules(uid, rules).await,
+            None => Ok(()),
+        };
         let outcome = drain.await.unwrap_or(drain::Outcome::Forced);
         pod.tasks.shutdown().await;
         tracing::info!(pod = %uid, netns = ?netns, ?outcome, "pod unenrolled");
-        true
+        removed.map(|()| true)
     }
 
-    async fn remove_rules(&self, uid: &str, rules: Installed) {
+    async fn remove_rules(&self, uid: &str, rules: Installed) -> Result<(), EnrollError> {
         let (backend, tools) = (self.capture.backend, self.capture.tools.clone());
         let removed = tokio::task::spawn_blocking(move || {
             redirect::remove(&rules.netns, &rules.plan, backend, &tools)
         })
         .await
         .expect("removing capture rules does not panic");
-        if let Err(e) = removed {
-            tracing::error!(pod = %uid, error = %e, "capture rules could not be removed");
-        }
+        removed.map_err(|source| {
+            tracing::error!(pod = %uid, error = %source, "capture rules could not be removed");
+            EnrollError::Rules {
+                uid: uid.to_owned(),
+                source,
+            }
+        })
     }
 
     /// Un-enrolls every pod, rules included (the demo's and tests' clean-up).
