@@ -97,7 +97,11 @@ pub async fn handle(
                         peer,
                         peer_id: peer_id.clone(),
                     };
-                    tokio::spawn(stream.serve(req, respond));
+                    // The request is read here and only what the stream needs goes into its
+                    // task, which lives as long as the connection.
+                    let src = client_addr(&req).unwrap_or(peer.0);
+                    let target = stream.target(&req);
+                    tokio::spawn(stream.serve(target, src, req.into_body(), respond));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(src = %peer.0, error = %e, "HBONE connection error");
@@ -166,15 +170,24 @@ impl Refusal {
 }
 
 impl Stream {
-    async fn serve(self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    async fn serve(
+        self,
+        target: Result<SocketAddr, Refusal>,
+        src: SocketAddr,
+        body: RecvStream,
+        mut respond: SendResponse<Bytes>,
+    ) {
         let started = Instant::now();
-        let src = client_addr(&req).unwrap_or(self.peer.0);
         let mut dst = self.local;
         // The tunnel's client is the peer: bytes it sent are "sent". The record is built at
         // the end, so the task (alive as long as the connection) does not carry it.
         let (mut sent, mut received) = (0, 0);
         // Boxed so the task does not carry the connect state's size either.
-        let error = match Box::pin(self.connect(&req, src.ip())).await {
+        let opened = match target {
+            Ok(authority) => Box::pin(self.connect(authority, src.ip())).await,
+            Err(refusal) => Err(refusal),
+        };
+        let error = match opened {
             Ok((authority, upstream, mut tracked)) => {
                 dst = authority;
                 let response = Response::builder()
@@ -187,7 +200,7 @@ impl Stream {
                     .expect("static response is valid");
                 match respond.send_response(response, false) {
                     Ok(send) => tokio::select! {
-                        copied = copy::tunnel(&upstream, send, req.into_body()) => match copied {
+                        copied = copy::tunnel(&upstream, send, body) => match copied {
                             Ok(t) => {
                                 (received, sent) = (t.a_to_b, t.b_to_a);
                                 None
@@ -226,13 +239,8 @@ impl Stream {
         });
     }
 
-    /// Checks the request and the policy, then connects to the workload, as `client` where
-    /// permitted.
-    async fn connect(
-        &self,
-        req: &Request<RecvStream>,
-        client: std::net::IpAddr,
-    ) -> Result<(SocketAddr, TcpStream, Tracked), Refusal> {
+    /// The address the request asks for, when it is a CONNECT to this workload.
+    fn target(&self, req: &Request<RecvStream>) -> Result<SocketAddr, Refusal> {
         if req.method() != Method::CONNECT {
             return Err(Refusal::NotConnect(req.method().clone()));
         }
@@ -249,6 +257,15 @@ impl Stream {
         if self.proxy.is_own_port(authority.port()) {
             return Err(Refusal::OwnPort(authority));
         }
+        Ok(authority)
+    }
+
+    /// Checks the policy, then connects to the workload, as `client` where permitted.
+    async fn connect(
+        &self,
+        authority: SocketAddr,
+        client: std::net::IpAddr,
+    ) -> Result<(SocketAddr, TcpStream, Tracked), Refusal> {
         // The TCP peer, not the `forwarded` header: a header is the client's claim.
         let conn = xds::policy::Connection {
             src: self.peer.0,
