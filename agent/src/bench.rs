@@ -228,6 +228,10 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
             .join(", ")
     );
     let mut bed = Bed::build(&settings.modes, &settings.agent_args, interrupt)?;
+    eprintln!(
+        "agents' mesh files and logs in {} (removed at the end)",
+        bed.dir().display()
+    );
     let samples = measure(&mut bed, settings, interrupt);
     drop(bed);
     let seconds = started.elapsed().as_secs_f64();
@@ -256,8 +260,8 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
             figures: &figures,
             samples: &samples,
         };
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         serde_json::to_writer(std::io::BufWriter::new(file), &report)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("raw samples and figures written to {}", path.display());
@@ -381,7 +385,11 @@ fn headline(data: &Data) -> String {
                     .zip(before)
                     .map(|(a, b)| a.rss as f64 - b.rss as f64)
                     .sum();
-                format!("{}: {:.2} KiB/conn", s.conns, grew / s.conns as f64 / 1024.0)
+                format!(
+                    "{}: {:.2} KiB/conn",
+                    s.conns,
+                    grew / s.conns as f64 / 1024.0
+                )
             })
             .collect::<Vec<_>>()
             .join(", "),

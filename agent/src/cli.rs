@@ -637,8 +637,16 @@ mod tests {
         let i = bench(&["--idle-conns", "500,0,50", "--agent-arg=--inbound-mode"]).unwrap();
         assert_eq!(i.idle_conns, [50, 500]);
         assert_eq!(i.agent_args, ["--inbound-mode"]);
-        assert!(bench(&["--repeats", "0"]).unwrap_err().contains("--repeats"));
-        assert!(bench(&["--duration", "0s"]).unwrap_err().contains("--duration"));
+        assert!(
+            bench(&["--repeats", "0"])
+                .unwrap_err()
+                .contains("--repeats")
+        );
+        assert!(
+            bench(&["--duration", "0s"])
+                .unwrap_err()
+                .contains("--duration")
+        );
         assert!(bench(&["--modes", "udp"]).is_err());
     }
 

@@ -54,7 +54,11 @@ impl Bed {
     /// Builds the nodes and pods for `modes`, starts their servers and agents (with
     /// `agent_args` added to `ambientd run`), and checks one connection of each mode takes
     /// the path its mode says.
-    pub fn build(modes: &[Mode], agent_args: &[String], interrupt: &Interrupt) -> anyhow::Result<Bed> {
+    pub fn build(
+        modes: &[Mode],
+        agent_args: &[String],
+        interrupt: &Interrupt,
+    ) -> anyhow::Result<Bed> {
         let clients: Vec<String> = modes.iter().map(|&m| pod_name(m, "c")).collect();
         let servers: Vec<String> = modes.iter().map(|&m| pod_name(m, "s")).collect();
         let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
@@ -109,8 +113,9 @@ impl Bed {
                         log,
                     };
                     lane.agents.push(
-                        AgentProcess::spawn(&node.ns, spec)
-                            .with_context(|| format!("starting the {mode} agent of {}", node.name))?,
+                        AgentProcess::spawn(&node.ns, spec).with_context(|| {
+                            format!("starting the {mode} agent of {}", node.name)
+                        })?,
                     );
                 }
             }

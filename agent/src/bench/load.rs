@@ -465,7 +465,9 @@ pub fn connection_rate<M>(
             .map(|_| {
                 scope.spawn(|| {
                     client
-                        .run(|| connect_loop(dst, &start, (warmup, duration), per_thread, interrupt))
+                        .run(|| {
+                            connect_loop(dst, &start, (warmup, duration), per_thread, interrupt)
+                        })
                         .map_err(io::Error::other)?
                 })
             })

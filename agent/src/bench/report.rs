@@ -25,7 +25,9 @@ pub struct Sample {
 #[serde(rename_all = "snake_case")]
 pub enum Data {
     /// The agents right after they enrolled their pods, before any traffic.
-    AgentIdle { agents: Vec<Usage> },
+    AgentIdle {
+        agents: Vec<Usage>,
+    },
     Throughput {
         bytes: u64,
         seconds: f64,
@@ -35,7 +37,9 @@ pub enum Data {
         /// CPU seconds of the bench process (the load generator) during the window.
         generator_cpu_s: f64,
     },
-    PingPong { rtt_ns: Vec<u64> },
+    PingPong {
+        rtt_ns: Vec<u64>,
+    },
     ConnRate {
         conns: u64,
         errors: u64,
@@ -51,7 +55,9 @@ pub enum Data {
         steps: Vec<IdleStep>,
     },
     /// The sample could not be taken; the error says why.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -327,7 +333,11 @@ fn defs(idle_conns: &[usize]) -> Vec<Def> {
         });
     }
     for &n in idle_conns {
-        for (who, pick) in [("node-1", Some(0)), ("node-2", Some(1)), ("both agents", None)] {
+        for (who, pick) in [
+            ("node-1", Some(0)),
+            ("node-2", Some(1)),
+            ("both agents", None),
+        ] {
             defs.push(Def {
                 key: format!(
                     "agent_rss_per_conn_{n}_{}",
@@ -474,7 +484,11 @@ pub fn table(figures: &[Figure], modes: &[Mode]) -> String {
         for &(m, v) in &f.values {
             row.push(v.map_or_else(|| "-".into(), |v| format_value(f.unit, v)));
             if has_direct && m != Mode::Direct {
-                let r = f.ratios.iter().find(|(rm, _)| *rm == m).and_then(|(_, r)| *r);
+                let r = f
+                    .ratios
+                    .iter()
+                    .find(|(rm, _)| *rm == m)
+                    .and_then(|(_, r)| *r);
                 row.push(r.map_or_else(|| "-".into(), |r| format!("{r:.2}x")));
             }
             if m == Mode::Mesh {

@@ -2,12 +2,8 @@
 //! median over repeats, and ratios against `direct`.
 
 /// The percentiles every latency figure reports.
-pub const PERCENTILES: [(&str, f64); 4] = [
-    ("p50", 0.50),
-    ("p90", 0.90),
-    ("p99", 0.99),
-    ("p999", 0.999),
-];
+pub const PERCENTILES: [(&str, f64); 4] =
+    [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999)];
 
 /// The nearest-rank `q`-quantile (0 < q ≤ 1) of `sorted` (ascending): the smallest sample
 /// with at least `q` of all samples at or below it. `None` when empty.

@@ -96,7 +96,8 @@ mod tests {
 
     #[test]
     fn stat_fields_are_counted_after_the_name() {
-        let stat = "4242 (amb (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
+        let stat =
+            "4242 (amb (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
         assert_eq!(cpu_from_stat(stat, 100.0).unwrap(), 3.0);
         assert!(cpu_from_stat("4242 no name", 100.0).is_err());
         assert!(cpu_from_stat("1 (x) S 1 2", 100.0).is_err());
