@@ -38,6 +38,9 @@ pub const PING_PONG_SIZES: [usize; 2] = [64, 1024];
 /// Client threads of the connection-rate case.
 pub const CONN_THREADS: [usize; 2] = [1, 4];
 
+/// Pause between samples.
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// How the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -170,9 +173,10 @@ impl Settings {
         cases
     }
 
-    /// Descriptors the bench process needs: both ends of every idle connection, and spare.
+    /// Descriptors the bench process needs: the client end of every idle connection, and
+    /// spare.
     fn descriptors(&self) -> u64 {
-        2 * self.idle_conns.iter().copied().max().unwrap_or(0) as u64 + 4096
+        self.idle_conns.iter().copied().max().unwrap_or(0) as u64 + 1024
     }
 }
 
@@ -211,6 +215,13 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
         eprintln!(
             "warning: this is a debug build, whose figures say little about the agent: build \
              with `cargo build --release --bin ambientd`"
+        );
+    }
+    if machine.load_average > 0.5 * machine.cores as f64 {
+        eprintln!(
+            "warning: the machine is busy (load average {:.2} on {} cores): absolute figures \
+             will be noisy; the ratios less so, as modes are interleaved",
+            machine.load_average, machine.cores
         );
     }
     let limit = raise_nofile(settings.descriptors())
@@ -275,14 +286,17 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
 }
 
 /// Raises the soft open-files limit to the hard one, and both to `needed` when the hard
-/// limit is lower (root may); returns the soft limit now.
+/// limit is lower (root may, with CAP_SYS_RESOURCE); returns the soft limit now.
 fn raise_nofile(needed: u64) -> anyhow::Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let target = hard.max(needed);
     if soft < target {
         setrlimit(Resource::RLIMIT_NOFILE, target, target).with_context(|| {
-            format!("from {soft} (hard {hard}) to {target}, needed for the idle connections")
+            format!(
+                "{needed} open files are needed for --idle-conns, the limit is {soft} (hard \
+                 {hard}) and cannot be raised here: lower --idle-conns or raise `ulimit -Hn`"
+            )
         })?;
     }
     Ok(target.max(soft))
@@ -351,6 +365,8 @@ fn measure(bed: &mut Bed, s: &Settings, interrupt: &Interrupt) -> anyhow::Result
                     data,
                 });
                 bed.lanes[i].check_agents()?;
+                // Let the last sample's connections wind down before the next one starts.
+                load::sleep(SETTLE, interrupt)?;
             }
         }
     }
@@ -483,11 +499,6 @@ fn idle(bed: &Bed, lane: &Lane, s: &Settings, interrupt: &Interrupt) -> anyhow::
         for &n in &s.idle_conns {
             load::open_idle(client, &lane.server, &mut open, n, interrupt)
                 .with_context(|| format!("opening {n} idle connections"))?;
-            ensure!(
-                lane.server.held() == n,
-                "the server holds {} connections, not {n}",
-                lane.server.held()
-            );
             // The agents' last steps (delivery, records) finish after the echo.
             load::sleep(Duration::from_millis(300), interrupt)?;
             let agents = lane.agent_usage()?;
@@ -505,7 +516,6 @@ fn idle(bed: &Bed, lane: &Lane, s: &Settings, interrupt: &Interrupt) -> anyhow::
         Ok(())
     })();
     drop(open);
-    lane.server.release();
     // Let the agents close their ends before the next case.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {

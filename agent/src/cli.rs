@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// `--agent-arg=--inbound-mode --agent-arg=tproxy`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Internal: be the bench's idle-connection holder on this address (a child process in
+    /// the server pod).
+    #[arg(long, hide = true)]
+    pub hold: Option<SocketAddr>,
 }
 
 impl BenchArgs {

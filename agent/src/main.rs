@@ -30,6 +30,9 @@ fn main() -> ExitCode {
                 agent::app::run(cfg).await
             }
             Command::Demo => agent::demo::run().await,
+            Command::Bench(args) if args.hold.is_some() => {
+                agent::bench::load::hold(args.hold.expect("checked")).await
+            }
             Command::Bench(args) => {
                 let settings = args.into_settings().map_err(anyhow::Error::msg)?;
                 agent::bench::run(settings).await

@@ -150,7 +150,6 @@ impl Bed {
         load::open_idle(&self.client(lane).ns, &lane.server, &mut open, 1, interrupt)
             .with_context(|| format!("a first {} connection failed", lane.mode))?;
         drop(open);
-        lane.server.release();
         let Some(expected) = lane.mode.inbound_direction() else {
             return Ok(());
         };

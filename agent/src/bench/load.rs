@@ -6,16 +6,21 @@
 //! generator adds the least CPU and latency of any design on a 2-core machine where a
 //! cross-core wake-up costs as much as a round trip. Sockets belong to the namespace they were
 //! created in, so only threads that create sockets enter a pod's namespace, once each
-//! (`Namespace::run`); the others work on sockets handed to them. Holding thousands of idle
-//! connections needs no thread per connection: they are only kept open.
+//! (`Namespace::run`); the others work on sockets handed to them.
+//!
+//! The server ends of the idle connections are held by a child process ([`hold`], `ambientd
+//! bench --hold`, in the server pod): with both ends of 10,000 connections the bench would
+//! need more descriptors than a usual hard limit (and it cannot always be raised). It is not
+//! on any measured path, so it runs on tokio; it exits when the bench closes its stdin.
 //!
 //! Every blocking operation has a timeout ([`IO_TIMEOUT`]), every loop ends at its deadline or
 //! count, and an interrupt flag is checked throughout, so a sample always ends.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,7 +37,7 @@ pub const SOURCE_PORT: u16 = 5002;
 pub const ECHO_PORT: u16 = 5003;
 /// One byte echoed, then closed once the client closed.
 pub const CONN_PORT: u16 = 5004;
-/// One byte echoed, then the connection is held open until released.
+/// One byte echoed, then the connection is held open until the client closes it ([`hold`]).
 pub const HOLD_PORT: u16 = 5005;
 
 /// Bound on every blocking socket operation.
@@ -117,8 +122,6 @@ struct Shared {
     stop: AtomicBool,
     /// Bytes the sink has read, over all its connections.
     sunk: AtomicU64,
-    /// Connections held open for the idle-memory case.
-    held: Mutex<Vec<TcpStream>>,
 }
 
 /// The server application in the server pod: one listener per kind of load, served by
@@ -128,6 +131,8 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
     threads: Vec<JoinHandle<()>>,
+    /// The child process serving [`HOLD_PORT`].
+    holder: Child,
 }
 
 impl Server {
@@ -135,7 +140,7 @@ impl Server {
     pub fn start(ns: &Namespace, ip: Ipv4Addr) -> io::Result<Server> {
         let listeners = ns
             .run(|| {
-                [SINK_PORT, SOURCE_PORT, ECHO_PORT, CONN_PORT, HOLD_PORT]
+                [SINK_PORT, SOURCE_PORT, ECHO_PORT, CONN_PORT]
                     .map(|port| listen(SocketAddr::new(ip.into(), port)))
                     .into_iter()
                     .collect::<io::Result<Vec<_>>>()
@@ -144,13 +149,14 @@ impl Server {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             sunk: AtomicU64::new(0),
-            held: Mutex::new(Vec::new()),
         });
+        let holder = start_holder(ns, SocketAddr::new(ip.into(), HOLD_PORT))?;
         let mut server = Server {
             ip: ip.into(),
             shared,
             listeners: Vec::new(),
             threads: Vec::new(),
+            holder,
         };
         for listener in listeners {
             let port = listener.local_addr()?.port();
@@ -178,15 +184,6 @@ impl Server {
         self.shared.sunk.load(Ordering::Relaxed)
     }
 
-    /// Connections currently held open.
-    pub fn held(&self) -> usize {
-        self.shared.held.lock().expect("held lock").len()
-    }
-
-    /// Closes the held connections.
-    pub fn release(&self) {
-        self.shared.held.lock().expect("held lock").clear();
-    }
 }
 
 impl Drop for Server {
@@ -196,10 +193,67 @@ impl Drop for Server {
         for l in &self.listeners {
             let _ = SockRef::from(l).shutdown(Shutdown::Both);
         }
-        self.release();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Closing its stdin ends the holder; killing it is the fallback.
+        drop(self.holder.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while matches!(self.holder.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+fn start_holder(ns: &Namespace, addr: SocketAddr) -> io::Result<Child> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(std::env::current_exe()?)
+        .args(["bench", "--hold", &addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // It says `ready` once listening, or exits (closing stdout) on failure.
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped stdout");
+    io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let status = child.wait()?;
+        return Err(io::Error::other(format!(
+            "the idle-connection holder on {addr} did not start ({status})"
+        )));
+    }
+    Ok(child)
+}
+
+/// `ambientd bench --hold ADDR`: accepts on `addr`, echoes one byte on each connection and
+/// keeps it open until the client closes it; ends when stdin closes (the bench is done or
+/// gone).
+pub async fn hold(addr: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Err(e) = crate::app::raise_nofile_limit() {
+        eprintln!("idle-connection holder: cannot raise the open-files limit: {e}");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("ready");
+    let serve = async {
+        loop {
+            let (mut s, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                    let _ = s.read(&mut b).await;
+                }
+            });
+        }
+    };
+    let stdin_closed = tokio::task::spawn_blocking(|| io::copy(&mut io::stdin(), &mut io::sink()));
+    tokio::select! {
+        r = serve => r,
+        _ = stdin_closed => Ok(()),
     }
 }
 
@@ -233,13 +287,6 @@ fn accept_loop(listener: &TcpListener, port: u16, shared: &Arc<Shared>) {
             // per connection in the connection-rate figure.
             CONN_PORT => {
                 let _ = one_byte_then_eof(stream);
-            }
-            HOLD_PORT => {
-                let mut s = stream;
-                let mut b = [0u8; 1];
-                if s.read_exact(&mut b).and_then(|()| s.write_all(&b)).is_ok() {
-                    shared.held.lock().expect("held lock").push(s);
-                }
             }
             _ => {
                 let shared = shared.clone();

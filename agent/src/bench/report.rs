@@ -113,6 +113,9 @@ pub struct Machine {
     pub kernel: String,
     /// `release` or `debug` (figures of a debug build mean little).
     pub profile: &'static str,
+    /// The 1-minute load average when the run started: other work on the machine makes
+    /// every figure noisier (ratios less so, as the modes are interleaved).
+    pub load_average: f64,
 }
 
 impl Machine {
@@ -141,17 +144,22 @@ impl Machine {
             } else {
                 "release"
             },
+            load_average: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0),
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "{} cores ({}), {:.1} GiB, Linux {}, {} build",
+            "{} cores ({}), {:.1} GiB, Linux {}, {} build, load average {:.2} at start",
             self.cores,
             self.cpu,
             self.memory_bytes as f64 / (1u64 << 30) as f64,
             self.kernel,
-            self.profile
+            self.profile,
+            self.load_average
         )
     }
 }
