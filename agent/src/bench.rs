@@ -158,18 +158,17 @@ pub struct Settings {
 
 impl Settings {
     fn cases(&self) -> Vec<Case> {
-        let mut cases: Vec<Case> = [1, 4]
-            .into_iter()
-            .flat_map(|streams| {
-                [Direction::Up, Direction::Down]
-                    .map(|direction| Case::Throughput { streams, direction })
-            })
-            .collect();
-        cases.extend(PING_PONG_SIZES.map(|size| Case::PingPong { size }));
-        cases.extend(CONN_THREADS.map(|threads| Case::ConnRate { threads }));
+        // Memory first, on agents restarted for it.
+        let mut cases = vec![Case::AgentIdle];
         if !self.idle_conns.is_empty() {
             cases.push(Case::IdleConns);
         }
+        cases.extend([1, 4].into_iter().flat_map(|streams| {
+            [Direction::Up, Direction::Down]
+                .map(|direction| Case::Throughput { streams, direction })
+        }));
+        cases.extend(PING_PONG_SIZES.map(|size| Case::PingPong { size }));
+        cases.extend(CONN_THREADS.map(|threads| Case::ConnRate { threads }));
         cases
     }
 
@@ -263,6 +262,13 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
         settings.warmup.as_secs_f64()
     );
     print!("{}", report::table(&figures, &settings.modes));
+    let notes = report::notes(&samples);
+    if !notes.is_empty() {
+        println!("\nnot measured:");
+        for n in notes {
+            println!("  {n}");
+        }
+    }
     if let Some(path) = &settings.json {
         let report = report::Report {
             machine: &machine,
@@ -304,25 +310,6 @@ fn raise_nofile(needed: u64) -> anyhow::Result<u64> {
 
 fn measure(bed: &mut Bed, s: &Settings, interrupt: &Interrupt) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
-    load::sleep(Duration::from_millis(500), interrupt)?;
-    for lane in bed.lanes.iter().filter(|l| !l.agents.is_empty()) {
-        let agents = lane.agent_usage()?;
-        eprintln!(
-            "{:<6} agents idle: {}",
-            lane.mode,
-            agents
-                .iter()
-                .map(|u| format!("{:.1} MiB", u.rss as f64 / 1048576.0))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        samples.push(Sample {
-            mode: lane.mode,
-            repeat: 1,
-            case: Case::AgentIdle,
-            data: Data::AgentIdle { agents },
-        });
-    }
     let cases = s.cases();
     let per_repeat: usize = cases
         .iter()
@@ -338,11 +325,16 @@ fn measure(bed: &mut Bed, s: &Settings, interrupt: &Interrupt) -> anyhow::Result
     for repeat in 1..=s.repeats {
         for &case in &cases {
             for i in 0..bed.lanes.len() {
-                let lane = &bed.lanes[i];
-                if case.needs_agents() && lane.agents.is_empty() {
+                if case.needs_agents() && bed.lanes[i].agents.is_empty() {
                     continue;
                 }
                 let started = Instant::now();
+                if case == Case::AgentIdle {
+                    bed.restart_agents(i, interrupt)
+                        .with_context(|| format!("restarting the {} agents", bed.lanes[i].mode))?;
+                    load::sleep(Duration::from_millis(500), interrupt)?;
+                }
+                let lane = &bed.lanes[i];
                 let data = match sample(bed, lane, case, s, interrupt) {
                     Ok(data) => data,
                     Err(_) if interrupt.load(Ordering::Relaxed) => bail!("interrupted"),
@@ -353,13 +345,13 @@ fn measure(bed: &mut Bed, s: &Settings, interrupt: &Interrupt) -> anyhow::Result
                 done += 1;
                 eprintln!(
                     "[{done:>3}/{total}] repeat {repeat} {:<6} {:<22} {}  ({:.1} s)",
-                    lane.mode.label(),
+                    bed.lanes[i].mode.label(),
                     case.to_string(),
                     headline(&data),
                     started.elapsed().as_secs_f64()
                 );
                 samples.push(Sample {
-                    mode: lane.mode,
+                    mode: bed.lanes[i].mode,
                     repeat,
                     case,
                     data,
@@ -376,7 +368,11 @@ fn measure(bed: &mut Bed, s: &Settings, interrupt: &Interrupt) -> anyhow::Result
 /// A sample in a few words, for the progress line.
 fn headline(data: &Data) -> String {
     match data {
-        Data::AgentIdle { .. } => String::new(),
+        Data::AgentIdle { agents } => agents
+            .iter()
+            .map(|u| format!("{:.1} MiB", u.rss as f64 / 1048576.0))
+            .collect::<Vec<_>>()
+            .join(", "),
         Data::Throughput { bytes_per_s, .. } => format!("{:.0} MB/s", bytes_per_s / 1e6),
         Data::PingPong { rtt_ns } => {
             let p = stats::latency_percentiles(rtt_ns);
@@ -392,23 +388,30 @@ fn headline(data: &Data) -> String {
             errors,
             ..
         } => format!("{conns_per_s:.0}/s ({errors} errors)"),
-        Data::IdleConns { before, steps } => steps
-            .iter()
-            .map(|s| {
-                let grew: f64 = s
-                    .agents
-                    .iter()
-                    .zip(before)
-                    .map(|(a, b)| a.rss as f64 - b.rss as f64)
-                    .sum();
-                format!(
-                    "{}: {:.2} KiB/conn",
-                    s.conns,
-                    grew / s.conns as f64 / 1024.0
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+        Data::IdleConns {
+            before,
+            steps,
+            error,
+        } => {
+            let mut parts: Vec<String> = steps
+                .iter()
+                .map(|s| {
+                    let grew: f64 = s
+                        .agents
+                        .iter()
+                        .zip(before)
+                        .map(|(a, b)| a.rss as f64 - b.rss as f64)
+                        .sum();
+                    format!(
+                        "{}: {:.2} KiB/conn",
+                        s.conns,
+                        grew / s.conns as f64 / 1024.0
+                    )
+                })
+                .collect();
+            parts.extend(error.iter().map(|e| format!("STOPPED: {e}")));
+            parts.join(", ")
+        }
         Data::Failed { error } => format!("FAILED: {error}"),
     }
 }
@@ -489,14 +492,29 @@ fn sample(
 }
 
 /// Opens `--idle-conns` connections step by step and reads the agents' memory at each step;
-/// every agent must hold at least one more descriptor per connection (its end of it).
+/// every agent must hold at least one more descriptor per connection (its end of it). A step
+/// the agents' open-files limit cannot hold is not tried; the steps before it are kept.
 fn idle(bed: &Bed, lane: &Lane, s: &Settings, interrupt: &Interrupt) -> anyhow::Result<Data> {
     let client = &bed.client(lane).ns;
     let before = lane.agent_usage()?;
+    let limits = lane.agent_nofile()?;
     let mut open = Vec::new();
-    let mut steps = Vec::new();
+    let mut steps: Vec<IdleStep> = Vec::new();
     let result = (|| -> anyhow::Result<()> {
         for &n in &s.idle_conns {
+            if let Some(last) = steps.last() {
+                for (i, ((a, b), limit)) in last.agents.iter().zip(&before).zip(&limits).enumerate()
+                {
+                    let per_conn = (a.fds.saturating_sub(b.fds)) as f64 / last.conns as f64;
+                    let need = b.fds as f64 + per_conn * n as f64 + 64.0;
+                    ensure!(
+                        need <= *limit as f64,
+                        "{n} connections need about {need:.0} descriptors in node-{}'s agent \
+                         ({per_conn:.1} per connection), over its limit of {limit}",
+                        i + 1
+                    );
+                }
+            }
             load::open_idle(client, &lane.server, &mut open, n, interrupt)
                 .with_context(|| format!("opening {n} idle connections"))?;
             // The agents' last steps (delivery, records) finish after the echo.
@@ -525,6 +543,12 @@ fn idle(bed: &Bed, lane: &Lane, s: &Settings, interrupt: &Interrupt) -> anyhow::
         }
         load::sleep(Duration::from_millis(50), interrupt)?;
     }
-    result?;
-    Ok(Data::IdleConns { before, steps })
+    if interrupt.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(Data::IdleConns {
+        before,
+        steps,
+        error: result.err().map(|e| format!("{e:#}")),
+    })
 }

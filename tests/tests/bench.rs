@@ -45,6 +45,7 @@ fn check_sample(s: &Value) -> anyhow::Result<()> {
         }
         "idle_conns" => {
             let before = d["before"].as_array().context("before")?;
+            ensure!(d["error"].is_null(), "{s}");
             let step = &d["steps"][0];
             ensure!(step["conns"] == 100, "{s}");
             for (a, b) in step["agents"]

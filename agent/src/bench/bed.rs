@@ -37,6 +37,10 @@ pub struct Lane {
     pub server: Server,
     /// Index of the lane's pods in their nodes.
     pod: usize,
+    /// The agents' mesh file; none in `direct`.
+    mesh: Option<PathBuf>,
+    /// Agent pairs started so far (names their logs).
+    started: usize,
 }
 
 pub struct Bed {
@@ -44,6 +48,7 @@ pub struct Bed {
     pub lanes: Vec<Lane>,
     topology: Topology,
     dir: tempfile::TempDir,
+    agent_args: Vec<String>,
 }
 
 fn pod_name(mode: Mode, side: &str) -> String {
@@ -72,6 +77,7 @@ impl Bed {
             lanes: Vec::new(),
             topology,
             dir,
+            agent_args: agent_args.to_vec(),
         };
         for node in &bed.topology.nodes {
             for pod in &node.pods {
@@ -80,9 +86,7 @@ impl Bed {
                     .sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
             }
         }
-        let ca = bed.dir.path().join("ca");
-        ca_client::LocalCa::init(&ca).context("creating the bench's root CA")?;
-        let bin = std::env::current_exe().context("finding the ambientd binary")?;
+        ca_client::LocalCa::init(&bed.ca()).context("creating the bench's root CA")?;
         for (pod, &mode) in modes.iter().enumerate() {
             let server_pod = &bed.topology.node(2).pods[pod];
             let server = Server::start(&server_pod.ns, server_pod.ip)
@@ -92,6 +96,8 @@ impl Bed {
                 agents: Vec::new(),
                 server,
                 pod,
+                mesh: None,
+                started: 0,
             };
             if let Some(tunnel) = mode.tunnel() {
                 let mesh = bed.dir.path().join(format!("mesh-{}.yaml", mode.label()));
@@ -99,25 +105,8 @@ impl Bed {
                 yaml.push_str(&bed.client(&lane).workload_yaml("node-1", tunnel));
                 yaml.push_str(&bed.server_pod(&lane).workload_yaml("node-2", tunnel));
                 std::fs::write(&mesh, yaml)?;
-                for node in &bed.topology.nodes {
-                    let log = bed
-                        .dir
-                        .path()
-                        .join(format!("{}-{}.log", mode.label(), node.name));
-                    let spec = Spec {
-                        bin: &bin,
-                        node: &node.name,
-                        mesh: &mesh,
-                        ca_dir: &ca,
-                        args: agent_args,
-                        log,
-                    };
-                    lane.agents.push(
-                        AgentProcess::spawn(&node.ns, spec).with_context(|| {
-                            format!("starting the {mode} agent of {}", node.name)
-                        })?,
-                    );
-                }
+                lane.mesh = Some(mesh);
+                lane.agents = bed.spawn_agents(&lane)?;
             }
             bed.lanes.push(lane);
         }
@@ -128,6 +117,55 @@ impl Bed {
             bed.check_path(&bed.lanes[i], interrupt)?;
         }
         Ok(bed)
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Starts the lane's agents, one per node, on its mesh file.
+    fn spawn_agents(&self, lane: &Lane) -> anyhow::Result<Vec<AgentProcess>> {
+        let Some(mesh) = &lane.mesh else {
+            return Ok(Vec::new());
+        };
+        let bin = std::env::current_exe().context("finding the ambientd binary")?;
+        let mut agents = Vec::new();
+        for node in &self.topology.nodes {
+            let log = self.dir.path().join(format!(
+                "{}-{}-{}.log",
+                lane.mode.label(),
+                node.name,
+                lane.started
+            ));
+            let spec = Spec {
+                bin: &bin,
+                node: &node.name,
+                mesh,
+                ca_dir: &self.ca(),
+                args: &self.agent_args,
+                log,
+            };
+            agents.push(
+                AgentProcess::spawn(&node.ns, spec).with_context(|| {
+                    format!("starting the {} agent of {}", lane.mode, node.name)
+                })?,
+            );
+        }
+        Ok(agents)
+    }
+
+    /// Replaces lane `i`'s agents with fresh processes and waits until they carry its
+    /// traffic again: memory figures then start from a new process in every repeat.
+    pub fn restart_agents(&mut self, i: usize, interrupt: &Interrupt) -> anyhow::Result<()> {
+        // The old ones go first (killed): the new ones take over their pods' rules.
+        self.lanes[i].agents.clear();
+        self.lanes[i].started += 1;
+        let agents = self.spawn_agents(&self.lanes[i])?;
+        self.lanes[i].agents = agents;
+        for agent in &mut self.lanes[i].agents {
+            wait_enrolled(agent, interrupt)?;
+        }
+        self.check_path(&self.lanes[i], interrupt)
     }
 
     pub fn client(&self, lane: &Lane) -> &Pod {
@@ -196,6 +234,18 @@ impl Lane {
                 Process::Pid(a.pid())
                     .usage()
                     .with_context(|| format!("reading /proc of the agent of {}", a.node))
+            })
+            .collect()
+    }
+
+    /// Each agent's soft open-files limit (`/proc/PID/limits`).
+    pub fn agent_nofile(&self) -> anyhow::Result<Vec<u64>> {
+        self.agents
+            .iter()
+            .map(|a| {
+                Process::Pid(a.pid())
+                    .open_files_limit()
+                    .with_context(|| format!("reading the limits of the agent of {}", a.node))
             })
             .collect()
     }

@@ -18,8 +18,8 @@
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -183,7 +183,6 @@ impl Server {
     pub fn sunk(&self) -> u64 {
         self.shared.sunk.load(Ordering::Relaxed)
     }
-
 }
 
 impl Drop for Server {
@@ -593,7 +592,8 @@ fn connect_loop(
 }
 
 /// Opens connections from `client` to the server's holding port until `total` are open
-/// (adding to `open`), each echoing one byte so that the path is really established.
+/// (adding to `open`), each echoing one byte so that the path is really established; a few
+/// threads open them side by side.
 pub fn open_idle(
     client: &Namespace,
     server: &Server,
@@ -601,24 +601,48 @@ pub fn open_idle(
     total: usize,
     interrupt: &AtomicBool,
 ) -> io::Result<()> {
+    const THREADS: usize = 4;
     let dst = server.addr(HOLD_PORT);
     let need = total.saturating_sub(open.len());
-    let more = client
-        .run(|| {
-            let mut more = Vec::with_capacity(need);
-            for i in 0..need {
-                if i % 100 == 0 {
-                    check(interrupt)?;
+    let batch = |n: usize| {
+        client
+            .run(|| {
+                let mut more = Vec::with_capacity(n);
+                for i in 0..n {
+                    if i % 100 == 0 {
+                        check(interrupt)?;
+                    }
+                    let mut s = connect(dst)?;
+                    let mut b = [b'i'];
+                    s.write_all(&b)?;
+                    s.read_exact(&mut b)?;
+                    more.push(s);
                 }
-                let mut s = connect(dst)?;
-                let mut b = [b'i'];
-                s.write_all(&b)?;
-                s.read_exact(&mut b)?;
-                more.push(s);
+                io::Result::Ok(more)
+            })
+            .map_err(io::Error::other)?
+    };
+    let results: Vec<io::Result<Vec<TcpStream>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let n = need / THREADS + usize::from(t < need % THREADS);
+                scope.spawn(move || batch(n))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("idle-connection worker panicked"))
+            .collect()
+    });
+    // Whatever was opened stays in `open`, so the caller closes it.
+    let mut failure = None;
+    for r in results {
+        match r {
+            Ok(more) => open.extend(more),
+            Err(e) => {
+                failure.get_or_insert(e);
             }
-            io::Result::Ok(more)
-        })
-        .map_err(io::Error::other)??;
-    open.extend(more);
-    Ok(())
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }

@@ -24,7 +24,8 @@ pub struct Sample {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Data {
-    /// The agents right after they enrolled their pods, before any traffic.
+    /// Agents started afresh for it, once they enrolled their pods and carried one
+    /// connection.
     AgentIdle {
         agents: Vec<Usage>,
     },
@@ -53,6 +54,8 @@ pub enum Data {
         /// The agents before the connections were opened.
         before: Vec<Usage>,
         steps: Vec<IdleStep>,
+        /// Why the steps after the last one were not measured.
+        error: Option<String>,
     },
     /// The sample could not be taken; the error says why.
     Failed {
@@ -355,7 +358,7 @@ fn defs(idle_conns: &[usize]) -> Vec<Def> {
                 unit: Unit::BytesPerConn,
                 case: Case::IdleConns,
                 read: Box::new(move |d| match d {
-                    Data::IdleConns { before, steps } => {
+                    Data::IdleConns { before, steps, .. } => {
                         let step = steps.iter().find(|s| s.conns == n)?;
                         let grew = |i: usize| -> Option<f64> {
                             Some(step.agents.get(i)?.rss as f64 - before.get(i)?.rss as f64)
@@ -540,6 +543,26 @@ pub fn table(figures: &[Figure], modes: &[Mode]) -> String {
         }
     }
     out
+}
+
+/// Why samples are missing: one line per failed sample or stopped idle-connection step,
+/// the same reason across repeats said once.
+pub fn notes(samples: &[Sample]) -> Vec<String> {
+    let mut notes: Vec<String> = Vec::new();
+    for s in samples {
+        let error = match &s.data {
+            Data::Failed { error } => error,
+            Data::IdleConns {
+                error: Some(error), ..
+            } => error,
+            _ => continue,
+        };
+        let note = format!("{} {}: {error}", s.mode, s.case);
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+    }
+    notes
 }
 
 #[cfg(test)]

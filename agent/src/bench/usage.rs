@@ -54,6 +54,22 @@ impl Process {
     }
 }
 
+impl Process {
+    /// The soft limit on open files (`Max open files` in `/proc/PID/limits`).
+    pub fn open_files_limit(self) -> io::Result<u64> {
+        let limits = std::fs::read_to_string(self.dir().join("limits"))?;
+        soft_nofile(&limits)
+    }
+}
+
+fn soft_nofile(limits: &str) -> io::Result<u64> {
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| malformed("/proc limits (Max open files)"))
+}
+
 fn clock_ticks() -> f64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
         Ok(Some(t)) if t > 0 => t as f64,
@@ -109,6 +125,16 @@ mod tests {
         assert_eq!(status_kib(status, "VmRSS").unwrap(), 9876);
         assert_eq!(status_kib(status, "RssAnon").unwrap(), 4321);
         assert!(status_kib(status, "VmSwap").is_err());
+    }
+
+    #[test]
+    fn open_files_limit_is_the_soft_one() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max processes             95000                95000                processes\n\
+                      Max open files            20000                40000                files\n";
+        assert_eq!(soft_nofile(limits).unwrap(), 20000);
+        assert!(soft_nofile("Max processes 1 1").is_err());
+        assert!(Process::Current.open_files_limit().unwrap() > 0);
     }
 
     #[test]

@@ -92,6 +92,7 @@ fn samples() -> Vec<Sample> {
                 conns: 1024,
                 agents: vec![usage(12.0, 1100), usage(13.0, 1100)],
             }],
+            error: Some("out of descriptors".into()),
         },
     ));
     s
@@ -233,6 +234,26 @@ fn table_has_a_column_per_mode_and_ratio_and_the_verdicts() {
             .filter(|l| l.ends_with(" ok") || l.ends_with("MISS"))
             .all(|l| l.chars().count() == width),
         "{table}"
+    );
+}
+
+#[test]
+fn notes_say_why_samples_are_missing_once() {
+    let mut samples = samples();
+    samples.push(sample(
+        Mode::Mesh,
+        2,
+        Case::ConnRate { threads: 1 },
+        Data::Failed {
+            error: "refused".into(),
+        },
+    ));
+    assert_eq!(
+        notes(&samples),
+        [
+            "mesh connections 1x: refused",
+            "mesh idle connections: out of descriptors"
+        ]
     );
 }
 
