@@ -67,6 +67,7 @@ fn check_sample(s: &Value) -> anyhow::Result<()> {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // a plain test thread polling a child process
 fn quick_bench_measures_every_case_in_every_mode_and_cleans_up() -> anyhow::Result<()> {
     if !root_or_skip("quick_bench_measures_every_case_in_every_mode_and_cleans_up") {
         return Ok(());

@@ -82,6 +82,12 @@ fn check(interrupt: &AtomicBool) -> io::Result<()> {
     }
 }
 
+/// The bench's threads are its own (never a runtime worker), so they may block.
+#[allow(clippy::disallowed_methods)] // dedicated bench threads, see above
+fn nap(d: Duration) {
+    std::thread::sleep(d);
+}
+
 /// Sleeps `d`, waking every 50 ms to honour `interrupt`.
 pub fn sleep(d: Duration, interrupt: &AtomicBool) -> io::Result<()> {
     let end = Instant::now() + d;
@@ -91,7 +97,7 @@ pub fn sleep(d: Duration, interrupt: &AtomicBool) -> io::Result<()> {
         if now >= end {
             return Ok(());
         }
-        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+        nap((end - now).min(Duration::from_millis(50)));
     }
 }
 
@@ -199,7 +205,7 @@ impl Drop for Server {
         drop(self.holder.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(2);
         while matches!(self.holder.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            nap(Duration::from_millis(10));
         }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
@@ -274,7 +280,7 @@ fn accept_loop(listener: &TcpListener, port: u16, shared: &Arc<Shared>) {
             Ok((stream, _)) => stream,
             Err(_) => {
                 // Out of descriptors, or the shutdown below: never spin.
-                std::thread::sleep(Duration::from_millis(1));
+                nap(Duration::from_millis(1));
                 continue;
             }
         };

@@ -177,13 +177,16 @@ pub struct Report<'a> {
     pub samples: &'a [Sample],
 }
 
+/// Reads a figure's value from one sample.
+type Read = Box<dyn Fn(&Data) -> Option<f64>>;
+
 /// How one figure is read from the samples of one case.
 struct Def {
     key: String,
     label: String,
     unit: Unit,
     case: Case,
-    read: Box<dyn Fn(&Data) -> Option<f64>>,
+    read: Read,
     /// Compared with direct.
     ratio: bool,
     target: Option<Target>,
@@ -342,6 +345,18 @@ fn defs(idle_conns: &[usize]) -> Vec<Def> {
             ratio: false,
             target: Some(Target::AtMost(10.0 * 1024.0 * 1024.0)),
         });
+        defs.push(Def {
+            key: format!("agent_rss_anon_idle_{node}"),
+            label: "  of which anonymous (heap, stacks)".to_owned(),
+            unit: Unit::Bytes,
+            case: Case::AgentIdle,
+            read: Box::new(move |d| match d {
+                Data::AgentIdle { agents } => agents.get(i).map(|u| u.rss_anon as f64),
+                _ => None,
+            }),
+            ratio: false,
+            target: None,
+        });
     }
     for &n in idle_conns {
         for (who, pick) in [
@@ -380,7 +395,7 @@ fn defs(idle_conns: &[usize]) -> Vec<Def> {
 }
 
 fn size_label(size: usize) -> String {
-    if size >= 1024 && size % 1024 == 0 {
+    if size >= 1024 && size.is_multiple_of(1024) {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")
