@@ -375,6 +375,18 @@ async fn follow(mut source: impl Source, pods: Arc<Pods>) {
     }
 }
 
+/// Raises the soft open-files limit to the hard one: every proxied connection holds two
+/// descriptors, and the usual soft limit (1024) would cap a node at a few hundred. Returns
+/// the soft limit before and after.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard.max(soft)))
+}
+
 /// Runs the agent until SIGTERM or SIGINT, then drains; SIGHUP re-reads the mesh file.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};

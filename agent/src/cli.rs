@@ -46,6 +46,96 @@ pub enum Command {
     /// A development stand-in for istiod: serves a mesh file over delta xDS and signs CSRs
     /// with the built-in CA, on one TLS port. Production uses istiod.
     DevControlPlane(DevControlPlaneArgs),
+    /// Measure what the mesh costs on this node (root): throughput, latency, connection rate,
+    /// agent CPU and memory, each against a direct connection in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Modes to measure: direct (no agent, no capture), mesh (capture + HBONE between two
+    /// agents), tcp (capture, plain TCP between them).
+    #[arg(long, value_delimiter = ',', default_value = "direct,mesh,tcp")]
+    pub modes: Vec<crate::bench::Mode>,
+    /// Measuring window of each sample [default: 2s; --quick: 200ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Traffic before each window [default: 300ms; --quick: 100ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub warmup: Option<Duration>,
+    /// Samples of every case and mode; the median is reported [default: 3; --quick: 1].
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Open idle connections to measure agent memory at [default: 1000,10000; --quick: 100].
+    #[arg(long, value_delimiter = ',')]
+    pub idle_conns: Option<Vec<usize>>,
+    /// Write every raw sample, the figures and the machine to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draw the ratios to direct, with the targets, as an SVG chart in this file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Small settings for tests (one repeat of short windows, 100 idle connections); the
+    /// flags above still override them.
+    #[arg(long)]
+    pub quick: bool,
+    /// A flag added to every agent's `ambientd run` (repeatable), e.g.
+    /// `--agent-arg=--inbound-mode --agent-arg=tproxy`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+    /// Internal: be the bench's idle-connection holder on this address (a child process in
+    /// the server pod).
+    #[arg(long, hide = true)]
+    pub hold: Option<SocketAddr>,
+}
+
+impl BenchArgs {
+    /// Validates the flags and fills in the defaults (or `--quick`'s).
+    pub fn into_settings(self) -> Result<crate::bench::Settings, String> {
+        let quick = self.quick;
+        let pick = |given: Option<Duration>, normal: u64, small: u64| {
+            given.unwrap_or(Duration::from_millis(if quick { small } else { normal }))
+        };
+        let duration = pick(self.duration, 2000, 200);
+        let warmup = pick(self.warmup, 300, 100);
+        if duration.is_zero() {
+            return Err("--duration must be more than 0".into());
+        }
+        let repeats = self.repeats.unwrap_or(if quick { 1 } else { 3 });
+        if repeats == 0 {
+            return Err("--repeats must be at least 1".into());
+        }
+        let mut idle_conns = self
+            .idle_conns
+            .unwrap_or_else(|| if quick { vec![100] } else { vec![1000, 10_000] });
+        idle_conns.retain(|&n| n > 0);
+        idle_conns.sort_unstable();
+        idle_conns.dedup();
+        if idle_conns.last().is_some_and(|&n| n > 100_000) {
+            return Err("--idle-conns: at most 100000".into());
+        }
+        let mut modes = Vec::new();
+        for m in self.modes {
+            if !modes.contains(&m) {
+                modes.push(m);
+            }
+        }
+        if modes.is_empty() {
+            return Err("--modes: name at least one of direct, mesh, tcp".into());
+        }
+        Ok(crate::bench::Settings {
+            modes,
+            duration,
+            warmup,
+            repeats,
+            idle_conns,
+            round_trip_cap: 1_000_000,
+            conn_cap: 200_000,
+            agent_args: self.agent_args,
+            json: self.json,
+            svg: self.svg,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -616,6 +706,45 @@ mod tests {
             "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
         );
         assert!(run(&["--node", "n"]).unwrap_err().contains("--mesh"));
+    }
+
+    fn bench(args: &[&str]) -> Result<crate::bench::Settings, String> {
+        let mut argv = vec!["ambientd", "bench"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Bench(b) => b.into_settings(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bench_defaults_quick_and_overrides() {
+        use crate::bench::Mode;
+        let s = bench(&[]).unwrap();
+        assert_eq!(s.modes, [Mode::Direct, Mode::Mesh, Mode::Tcp]);
+        assert_eq!((s.duration, s.repeats), (Duration::from_secs(2), 3));
+        assert_eq!(s.idle_conns, [1000, 10_000]);
+        let q = bench(&["--quick", "--modes", "mesh,direct,mesh", "--repeats", "2"]).unwrap();
+        assert_eq!(q.modes, [Mode::Mesh, Mode::Direct]);
+        assert_eq!((q.duration, q.repeats), (Duration::from_millis(200), 2));
+        assert_eq!(q.idle_conns, [100]);
+        let i = bench(&["--idle-conns", "500,0,50", "--agent-arg=--inbound-mode"]).unwrap();
+        assert_eq!(i.idle_conns, [50, 500]);
+        assert_eq!(i.agent_args, ["--inbound-mode"]);
+        assert!(
+            bench(&["--repeats", "0"])
+                .unwrap_err()
+                .contains("--repeats")
+        );
+        assert!(
+            bench(&["--duration", "0s"])
+                .unwrap_err()
+                .contains("--duration")
+        );
+        assert!(bench(&["--modes", "udp"]).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! the client enters through SOCKS5. Needs no set-up either way.
 
 pub mod capture;
+pub mod process;
 pub mod topology;
 
 use std::net::{IpAddr, SocketAddr};

@@ -6,6 +6,7 @@
 //! and the port table.
 
 pub mod app;
+pub mod bench;
 pub mod ca;
 pub mod capture;
 pub mod cli;

@@ -23,10 +23,21 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => {
                 let cfg = args.into_config().map_err(anyhow::Error::msg)?;
+                match agent::app::raise_nofile_limit() {
+                    Ok((from, to)) => tracing::info!(from, to, "open-files limit (RLIMIT_NOFILE)"),
+                    Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+                }
                 tracing::info!(config = ?cfg, "starting");
                 agent::app::run(cfg).await
             }
             Command::Demo => agent::demo::run().await,
+            Command::Bench(args) if args.hold.is_some() => {
+                agent::bench::load::hold(args.hold.expect("checked")).await
+            }
+            Command::Bench(args) => {
+                let settings = args.into_settings().map_err(anyhow::Error::msg)?;
+                agent::bench::run(settings).await
+            }
             Command::DevControlPlane(args) => {
                 let cfg = args.into_config().map_err(anyhow::Error::msg)?;
                 agent::control_plane::run(cfg).await

@@ -9,14 +9,14 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agent::demo::process::{AgentProcess, Spec};
 use agent::demo::topology::{Namespace, Topology};
 use anyhow::{Context, bail, ensure};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -60,8 +60,7 @@ pub fn ambientd_bin() -> anyhow::Result<PathBuf> {
 /// One `ambientd run` process inside a node's namespace; killed on drop.
 pub struct NodeAgent {
     pub node: String,
-    child: Child,
-    log: PathBuf,
+    process: AgentProcess,
     pub mesh: PathBuf,
 }
 
@@ -72,62 +71,40 @@ impl NodeAgent {
         node: &str,
         mesh: PathBuf,
         ca_dir: &Path,
-        args: &[&str],
+        args: &[String],
         log: PathBuf,
     ) -> anyhow::Result<NodeAgent> {
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", node_ns.name()])
-            .arg(bin)
-            .args(["--log-format", "json", "run", "--node", node])
-            .arg("--mesh")
-            .arg(&mesh)
-            .arg("--state-dir")
-            .arg(ca_dir)
-            .args([
-                "--connect-timeout",
-                "2s",
-                "--drain-deadline",
-                "1s",
-                "--cert-ttl",
-                "1h",
-            ])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .context("starting ambientd through `ip netns exec`")?;
+        let process = AgentProcess::spawn(
+            node_ns,
+            Spec {
+                bin,
+                node,
+                mesh: &mesh,
+                ca_dir,
+                args,
+                log,
+            },
+        )?;
         Ok(NodeAgent {
             node: node.to_owned(),
-            child,
-            log,
+            process,
             mesh,
         })
     }
 
     /// Every JSON log line so far.
     pub fn log(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.process.log()
     }
 
     /// The raw log, for failure messages.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// Log lines whose message is `message`, as their `fields`.
     pub fn messages(&self, message: &str) -> Vec<Value> {
-        self.log()
-            .into_iter()
-            .filter_map(|l| l.get("fields").cloned())
-            .filter(|f| f["message"] == message)
-            .collect()
+        self.process.messages(message)
     }
 
     /// Connection records (complete or failed).
@@ -148,7 +125,7 @@ impl NodeAgent {
             if check(self) {
                 return Ok(());
             }
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.process.exited()? {
                 bail!(
                     "agent of {} exited ({status}) before {what}:\n{}",
                     self.node,
@@ -167,8 +144,9 @@ impl NodeAgent {
     }
 
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = Pid::from_raw(i32::try_from(self.child.id())?);
-        kill(pid, signal).with_context(|| format!("sending {signal} to the agent of {}", self.node))
+        self.process
+            .signal(signal)
+            .with_context(|| format!("sending {signal} to the agent of {}", self.node))
     }
 
     /// SIGHUP: the agent re-reads its mesh file.
@@ -180,22 +158,13 @@ impl NodeAgent {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.signal(Signal::SIGTERM)?;
         let deadline = Instant::now() + AGENT_WAIT;
-        while self.child.try_wait()?.is_none() {
+        while self.process.exited()?.is_none() {
             if Instant::now() > deadline {
                 bail!("agent of {} did not stop on SIGTERM", self.node);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
-    }
-}
-
-impl Drop for NodeAgent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.signal(Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -265,14 +234,13 @@ impl Cluster {
         ensure!(self.agents[n - 1].is_none(), "node {n}'s agent is running");
         let node = self.topology.node(n);
         self.started += 1;
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         let agent = NodeAgent::spawn(
             &self.bin,
             &node.ns,
             &node.name,
             self.dir.path().join(format!("mesh-{}.yaml", node.name)),
             &self.dir.path().join("ca"),
-            &args,
+            &self.args,
             self.dir
                 .path()
                 .join(format!("{}-{}.log", node.name, self.started)),
@@ -303,15 +271,7 @@ impl Cluster {
                 } else {
                     &node.name
                 };
-                yaml.push_str(&format!(
-                    "  - name: {name}\n    namespace: demo\n    serviceAccount: {name}\n    \
-                     addresses: [{ip}, {ip6}]\n    node: {on}\n    tunnelProtocol: HBONE\n    \
-                     netns: {netns}\n",
-                    name = pod.name,
-                    ip = pod.ip,
-                    ip6 = pod.ip6,
-                    netns = pod.ns.path().display(),
-                ));
+                yaml.push_str(&pod.workload_yaml(on, "HBONE"));
             }
         }
         yaml

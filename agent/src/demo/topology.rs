@@ -194,6 +194,22 @@ pub struct Pod {
     pub ns: Namespace,
 }
 
+impl Pod {
+    /// This pod as a workload of a mesh file: `demo/<pod>`, service account `<pod>`, both
+    /// addresses, served by `node` in the pod's namespace, with `tunnel` (`HBONE` or `NONE`).
+    pub fn workload_yaml(&self, node: &str, tunnel: &str) -> String {
+        format!(
+            "  - name: {name}\n    namespace: demo\n    serviceAccount: {name}\n    \
+             addresses: [{ip}, {ip6}]\n    node: {node}\n    tunnelProtocol: {tunnel}\n    \
+             netns: {netns}\n",
+            name = self.name,
+            ip = self.ip,
+            ip6 = self.ip6,
+            netns = self.ns.path().display(),
+        )
+    }
+}
+
 /// A node: a namespace on the bridge, routing for its pods.
 #[derive(Debug)]
 pub struct Node {
