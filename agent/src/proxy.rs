@@ -153,9 +153,12 @@ pub(crate) async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeo
 /// small replies are not held back by Nagle's algorithm.
 pub async fn serve<F, Fut>(listener: TcpListener, drain: crate::drain::Watch, handler: F)
 where
-    F: Fn(TcpStream, PeerAddr) -> Fut + Clone + Send + 'static,
+    F: Fn(TcpStream, PeerAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Shared, so each connection's task takes one reference count instead of a copy of
+    // everything the handler captured.
+    let handler = Arc::new(handler);
     let local = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -165,7 +168,7 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (handler, watch) = (handler.clone(), drain.clone());
+                let (handler, watch) = (Arc::clone(&handler), drain.clone());
                 // The handler's future is made inside the task, straight into the select: one
                 // made outside would be stored twice in the task (captured, then selected
                 // on), and the task lives as long as the connection.
