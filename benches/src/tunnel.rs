@@ -127,12 +127,12 @@ where
         .uri(app_addr.to_string())
         .body(())
         .expect("valid CONNECT request");
-    let (response, send) = sender.send_request(request, false).expect("CONNECT sent");
+    let (response, mut send) = sender.send_request(request, false).expect("CONNECT sent");
     let response = response.await.expect("CONNECT answered");
     assert_eq!(response.status(), StatusCode::OK);
-    let recv = response.into_body();
+    let mut recv = response.into_body();
     tokio::spawn(async move {
-        let _ = copy::tunnel(&captured, send, recv).await;
+        let _ = copy::tunnel(&captured, &mut send, &mut recv).await;
     });
 
     let (server, _) = server_app.accept().await.expect("accept");
@@ -170,8 +170,9 @@ async fn deliver(request: Request<RecvStream>, mut respond: SendResponse<Bytes>,
         .status(StatusCode::OK)
         .body(())
         .expect("valid response");
-    let send = respond.send_response(ok, false).expect("response sent");
-    let _ = copy::tunnel(&upstream, send, request.into_body()).await;
+    let mut send = respond.send_response(ok, false).expect("response sent");
+    let mut body = request.into_body();
+    let _ = copy::tunnel(&upstream, &mut send, &mut body).await;
 }
 
 fn id(sa: &str) -> Identity {

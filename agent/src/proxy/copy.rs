@@ -2,15 +2,17 @@
 //!
 //! Both directions of a connection run in one task (no cross-core wake-ups between them) and
 //! work on `&TcpStream` through readiness + `try_read`/`try_write`, so the socket is never
-//! split and can still be shut down or reset from either direction.
+//! split and can still be shut down or reset from either direction. Socket read readiness
+//! and write readiness have separate wakers, so the direction reading a socket and the one
+//! writing it never take each other's wake-up.
 //!
 //! FIN ↔ END_STREAM (and FIN ↔ FIN for plain TCP); an error reading one side (a reset) resets
 //! the other: RST_STREAM on a tunnel stream, an RST (SO_LINGER 0) on a socket.
 
-use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -46,7 +48,8 @@ enum End {
 /// for reuse, see `main.rs`, so letting go is cheap.)
 struct Buf {
     buf: BytesMut,
-    size: usize,
+    /// Size of the next read.
+    size: u32,
     /// The last read filled the buffer.
     full: bool,
 }
@@ -55,57 +58,62 @@ impl Buf {
     fn new() -> Self {
         Self {
             buf: BytesMut::new(),
-            size: MIN_BUF,
+            size: MIN_BUF as u32,
             full: false,
         }
     }
 
-    /// Reads once from `sock` into the buffer, then sizes the next read by how full this one
-    /// was.
-    async fn read_from(&mut self, sock: &TcpStream) -> io::Result<usize> {
+    /// Reads once from `sock` into the (empty) buffer, then sizes the next read by how full
+    /// this one was.
+    fn poll_read(&mut self, sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let size = self.size as usize;
         let n = loop {
-            sock.readable().await?;
-            if self.buf.capacity() < self.size {
-                self.buf.reserve(self.size);
+            ready!(sock.poll_read_ready(cx))?;
+            if self.buf.capacity() < size {
+                self.buf.reserve(size);
             }
             match sock.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was stale: wait for data without holding memory.
-                    self.buf = BytesMut::new();
-                }
+                // Readiness was stale (and is now cleared): wait without holding memory.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = BytesMut::new(),
                 other => break other?,
             }
         };
-        self.full = n >= self.size;
-        if self.full && self.size < MAX_BUF {
+        self.full = n >= size;
+        if self.full && size < MAX_BUF {
             self.size *= 2;
-        } else if n < self.size / 4 && self.size > MIN_BUF {
+        } else if n < size / 4 && size > MIN_BUF {
             self.size /= 2;
         }
-        Ok(n)
+        Poll::Ready(Ok(n))
     }
 
     /// Called once the bytes read were passed on: keeps the buffer for the next read while the
     /// socket is likely to have more (the last read filled it), releases it otherwise.
     fn consumed(&mut self) {
-        if !self.full {
-            self.buf = BytesMut::new();
-        } else {
+        if self.full {
             self.buf.clear();
+        } else {
+            self.buf = BytesMut::new();
         }
     }
 }
 
-pub(crate) async fn write_all(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        sock.writable().await?;
-        match sock.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+/// Writes `data[*written..]` to `sock`, advancing `written`; ready once all of it is written.
+fn poll_write_all(
+    sock: &TcpStream,
+    data: &[u8],
+    written: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while *written < data.len() {
+        ready!(sock.poll_write_ready(cx))?;
+        match sock.try_write(&data[*written..]) {
+            Ok(n) => *written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
-    Ok(())
+    Poll::Ready(Ok(()))
 }
 
 /// Makes the connection end in a reset: the peer sees RST instead of FIN when the socket is
@@ -118,66 +126,231 @@ fn half_close(sock: &TcpStream) {
     let _ = SockRef::from(sock).shutdown(Shutdown::Write);
 }
 
-/// Socket → socket; EOF → half-close of `to`.
-async fn tcp_to_tcp(from: &TcpStream, to: &TcpStream, count: &mut u64) -> End {
-    let mut buf = Buf::new();
-    loop {
-        match buf.read_from(from).await {
-            Ok(0) => {
-                half_close(to);
-                return End::Eof;
-            }
-            Ok(n) => {
-                *count += n as u64;
-                let res = write_all(to, &buf.buf[..n]).await;
-                buf.consumed();
-                if let Err(e) = res {
-                    return End::Reset(e);
+/// One direction out of a socket. Toward a socket, the bytes read are written from `buf`
+/// (`written` of them already); toward a tunnel they move into `pending`, which DATA frames
+/// share.
+struct FromSocket {
+    buf: Buf,
+    pending: Bytes,
+    written: usize,
+    count: u64,
+    done: bool,
+}
+
+/// One direction out of a tunnel stream: `chunk` is the DATA frame being written, `written`
+/// of it already.
+struct FromTunnel {
+    chunk: Bytes,
+    written: usize,
+    count: u64,
+    done: bool,
+}
+
+impl FromSocket {
+    fn new() -> Self {
+        Self {
+            buf: Buf::new(),
+            pending: Bytes::new(),
+            written: 0,
+            count: 0,
+            done: false,
+        }
+    }
+
+    /// Socket → socket; EOF → half-close of `to`.
+    fn poll_to_socket(
+        &mut self,
+        from: &TcpStream,
+        to: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<End> {
+        loop {
+            if self.buf.buf.is_empty() {
+                match ready!(self.buf.poll_read(from, cx)) {
+                    Ok(0) => {
+                        half_close(to);
+                        return Poll::Ready(End::Eof);
+                    }
+                    Ok(n) => {
+                        self.count += n as u64;
+                        self.written = 0;
+                    }
+                    Err(e) => return Poll::Ready(End::Reset(e)),
                 }
             }
-            Err(e) => return End::Reset(e),
+            if let Err(e) = ready!(poll_write_all(to, &self.buf.buf, &mut self.written, cx)) {
+                return Poll::Ready(End::Reset(e));
+            }
+            self.buf.consumed();
+        }
+    }
+
+    /// Socket → tunnel: DATA frames within the peer's flow-control window; EOF → END_STREAM.
+    fn poll_to_tunnel(
+        &mut self,
+        from: &TcpStream,
+        to: &mut SendStream<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<End> {
+        loop {
+            if self.pending.is_empty() {
+                match ready!(self.buf.poll_read(from, cx)) {
+                    Ok(0) => {
+                        return Poll::Ready(match to.send_data(Bytes::new(), true) {
+                            Ok(()) => End::Eof,
+                            Err(e) => End::Reset(h2_io(e)),
+                        });
+                    }
+                    Ok(n) => {
+                        self.count += n as u64;
+                        self.pending = self.buf.buf.split().freeze();
+                        // The frames own the bytes now; the buffer's spare room is kept or
+                        // let go as for a socket.
+                        self.buf.consumed();
+                        to.reserve_capacity(n);
+                    }
+                    Err(e) => {
+                        to.send_reset(h2::Reason::CANCEL);
+                        return Poll::Ready(End::Reset(e));
+                    }
+                }
+            }
+            while !self.pending.is_empty() {
+                let granted = match ready!(to.poll_capacity(cx)) {
+                    Some(Ok(granted)) => granted,
+                    Some(Err(e)) => return Poll::Ready(End::Reset(h2_io(e))),
+                    None => {
+                        return Poll::Ready(End::Reset(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "tunnel stream closed by peer",
+                        )));
+                    }
+                };
+                if granted == 0 {
+                    continue;
+                }
+                let chunk = self.pending.split_to(granted.min(self.pending.len()));
+                if let Err(e) = to.send_data(chunk, false) {
+                    return Poll::Ready(End::Reset(h2_io(e)));
+                }
+                if !self.pending.is_empty() {
+                    to.reserve_capacity(self.pending.len());
+                }
+            }
         }
     }
 }
 
-/// Runs both directions to their end; each passes its own EOF on as a half-close. When one
-/// ends with a reset, `on_reset` tears both sides down and the other direction is abandoned.
+impl FromTunnel {
+    fn new() -> Self {
+        Self {
+            chunk: Bytes::new(),
+            written: 0,
+            count: 0,
+            done: false,
+        }
+    }
+
+    /// Tunnel → socket; END_STREAM → FIN; RST_STREAM → RST.
+    fn poll_to_socket(
+        &mut self,
+        from: &mut RecvStream,
+        to: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<End> {
+        loop {
+            if self.chunk.is_empty() {
+                match ready!(from.poll_data(cx)) {
+                    Some(Ok(chunk)) => {
+                        self.count += chunk.len() as u64;
+                        self.chunk = chunk;
+                        self.written = 0;
+                    }
+                    Some(Err(e)) => return Poll::Ready(End::Reset(h2_io(e))),
+                    None => {
+                        half_close(to);
+                        return Poll::Ready(End::Eof);
+                    }
+                }
+                if self.chunk.is_empty() {
+                    continue;
+                }
+            }
+            if let Err(e) = ready!(poll_write_all(to, &self.chunk, &mut self.written, cx)) {
+                return Poll::Ready(End::Reset(e));
+            }
+            let _ = from.flow_control().release_capacity(self.chunk.len());
+            self.chunk = Bytes::new();
+        }
+    }
+}
+
+/// Notes how a direction's poll came out: marks it ended when it did, and hands back the
+/// error when it ended in a reset.
+fn settle(done: &mut bool, polled: Poll<End>) -> Option<io::Error> {
+    match polled {
+        Poll::Pending => None,
+        Poll::Ready(end) => {
+            *done = true;
+            match end {
+                End::Eof => None,
+                End::Reset(e) => Some(e),
+            }
+        }
+    }
+}
+
+/// Copies between two sockets (passthrough and plaintext inbound) until both directions
+/// ended; each passes its own EOF on as a half-close, a reset of either resets both.
 ///
-/// The directions come pinned by the caller: passed by value, each would be stored twice in
-/// this future (as argument and as pinned local), and the future lives as long as the
-/// connection.
-async fn join_directions(
-    mut up: Pin<&mut impl Future<Output = End>>,
-    mut down: Pin<&mut impl Future<Output = End>>,
-    on_reset: impl FnOnce(),
-) -> io::Result<()> {
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        let end = tokio::select! {
-            end = up.as_mut(), if !up_done => { up_done = true; end }
-            end = down.as_mut(), if !down_done => { down_done = true; end }
-        };
-        if let End::Reset(e) = end {
-            on_reset();
-            return Err(e);
-        }
-    }
-    Ok(())
+/// A hand-written future rather than an `async fn`: it lives as long as the connection, and
+/// this way it holds only the two directions' state (~150 B), no copies of its arguments.
+pub struct Tcp<'a> {
+    a: &'a TcpStream,
+    b: &'a TcpStream,
+    up: FromSocket,
+    down: FromSocket,
 }
 
-/// Copies between two sockets (passthrough and plaintext inbound).
-pub async fn tcp(a: &TcpStream, b: &TcpStream) -> io::Result<Transferred> {
-    let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
-    let result = join_directions(
-        pin!(tcp_to_tcp(a, b, &mut a_to_b)),
-        pin!(tcp_to_tcp(b, a, &mut b_to_a)),
-        || {
+/// Copies between two sockets; see [`Tcp`].
+pub fn tcp<'a>(a: &'a TcpStream, b: &'a TcpStream) -> Tcp<'a> {
+    Tcp {
+        a,
+        b,
+        up: FromSocket::new(),
+        down: FromSocket::new(),
+    }
+}
+
+impl Future for Tcp<'_> {
+    type Output = io::Result<Transferred>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let (a, b) = (this.a, this.b);
+        let (up, down) = (&mut this.up, &mut this.down);
+        let mut reset_by = None;
+        if !up.done {
+            let polled = up.poll_to_socket(a, b, cx);
+            reset_by = settle(&mut up.done, polled);
+        }
+        if !down.done && reset_by.is_none() {
+            let polled = down.poll_to_socket(b, a, cx);
+            reset_by = settle(&mut down.done, polled);
+        }
+        if let Some(e) = reset_by {
             reset(a);
             reset(b);
-        },
-    )
-    .await;
-    result.map(|()| Transferred { a_to_b, b_to_a })
+            return Poll::Ready(Err(e));
+        }
+        if up.done && down.done {
+            return Poll::Ready(Ok(Transferred {
+                a_to_b: up.count,
+                b_to_a: down.count,
+            }));
+        }
+        Poll::Pending
+    }
 }
 
 fn h2_io(e: h2::Error) -> io::Error {
@@ -195,89 +368,62 @@ fn h2_io(e: h2::Error) -> io::Error {
     }
 }
 
-/// Socket → tunnel: DATA frames within the peer's flow-control window; EOF → END_STREAM.
-async fn tcp_to_h2(from: &TcpStream, to: &mut SendStream<Bytes>, count: &mut u64) -> End {
-    let mut buf = Buf::new();
-    loop {
-        let n = match buf.read_from(from).await {
-            Ok(0) => {
-                return match to.send_data(Bytes::new(), true) {
-                    Ok(()) => End::Eof,
-                    Err(e) => End::Reset(h2_io(e)),
-                };
-            }
-            Ok(n) => n,
-            Err(e) => {
-                to.send_reset(h2::Reason::CANCEL);
-                return End::Reset(e);
-            }
-        };
-        *count += n as u64;
-        let mut data = buf.buf.split().freeze();
-        buf.consumed();
-        while !data.is_empty() {
-            to.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| to.poll_capacity(cx)).await {
-                Some(Ok(granted)) => granted,
-                Some(Err(e)) => return End::Reset(h2_io(e)),
-                None => {
-                    return End::Reset(io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        "tunnel stream closed by peer",
-                    ));
-                }
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = data.split_to(granted.min(data.len()));
-            if let Err(e) = to.send_data(chunk, false) {
-                return End::Reset(h2_io(e));
-            }
-        }
+/// Copies between a socket and a tunnel stream until both directions ended (FIN ↔
+/// END_STREAM); a reset of either side resets the other (RST ↔ RST_STREAM CANCEL).
+/// `Transferred` counts socket → tunnel as `a_to_b`. Hand-written for the same reason as
+/// [`Tcp`].
+pub struct Tunnel<'a> {
+    sock: &'a TcpStream,
+    send: &'a mut SendStream<Bytes>,
+    recv: &'a mut RecvStream,
+    up: FromSocket,
+    down: FromTunnel,
+}
+
+/// Copies between a socket and a tunnel stream; see [`Tunnel`]. The stream's halves are
+/// borrowed, so they stay where their owner keeps them instead of being stored again here.
+pub fn tunnel<'a>(
+    sock: &'a TcpStream,
+    send: &'a mut SendStream<Bytes>,
+    recv: &'a mut RecvStream,
+) -> Tunnel<'a> {
+    Tunnel {
+        sock,
+        send,
+        recv,
+        up: FromSocket::new(),
+        down: FromTunnel::new(),
     }
 }
 
-/// Tunnel → socket; END_STREAM → FIN; RST_STREAM → RST.
-async fn h2_to_tcp(from: &mut RecvStream, to: &TcpStream, count: &mut u64) -> End {
-    loop {
-        match from.data().await {
-            Some(Ok(chunk)) => {
-                let n = chunk.len();
-                *count += n as u64;
-                if let Err(e) = write_all(to, &chunk).await {
-                    return End::Reset(e);
-                }
-                let _ = from.flow_control().release_capacity(n);
-            }
-            Some(Err(e)) => return End::Reset(h2_io(e)),
-            None => {
-                half_close(to);
-                return End::Eof;
-            }
-        }
-    }
-}
+impl Future for Tunnel<'_> {
+    type Output = io::Result<Transferred>;
 
-/// Copies between a socket and a tunnel stream until both directions ended. `Transferred`
-/// counts socket → tunnel as `a_to_b`.
-pub async fn tunnel(
-    sock: &TcpStream,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
-) -> io::Result<Transferred> {
-    let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
-    let result = {
-        let send = &mut send;
-        join_directions(
-            pin!(tcp_to_h2(sock, send, &mut a_to_b)),
-            pin!(h2_to_tcp(&mut recv, sock, &mut b_to_a)),
-            || reset(sock),
-        )
-        .await
-    };
-    if result.is_err() {
-        send.send_reset(h2::Reason::CANCEL);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let sock = this.sock;
+        let (up, send) = (&mut this.up, &mut *this.send);
+        let (down, recv) = (&mut this.down, &mut *this.recv);
+        let mut reset_by = None;
+        if !up.done {
+            let polled = up.poll_to_tunnel(sock, send, cx);
+            reset_by = settle(&mut up.done, polled);
+        }
+        if !down.done && reset_by.is_none() {
+            let polled = down.poll_to_socket(recv, sock, cx);
+            reset_by = settle(&mut down.done, polled);
+        }
+        if let Some(e) = reset_by {
+            reset(sock);
+            send.send_reset(h2::Reason::CANCEL);
+            return Poll::Ready(Err(e));
+        }
+        if up.done && down.done {
+            return Poll::Ready(Ok(Transferred {
+                a_to_b: up.count,
+                b_to_a: down.count,
+            }));
+        }
+        Poll::Pending
     }
-    result.map(|()| Transferred { a_to_b, b_to_a })
 }

@@ -100,7 +100,7 @@ pub async fn handle(
                     // The request is read here and only what the stream needs goes into its
                     // task, which lives as long as the connection.
                     let src = client_addr(&req).unwrap_or(peer.0);
-                    let target = stream.target(&req);
+                    let target = stream.target(&req).map_err(Box::new);
                     tokio::spawn(stream.serve(target, src, req.into_body(), respond));
                 }
                 Some(Err(e)) => {
@@ -170,73 +170,83 @@ impl Refusal {
 }
 
 impl Stream {
-    async fn serve(
+    /// Serves one CONNECT stream to its end and records it.
+    ///
+    /// The task lives as long as the tunnelled connection, so what it holds is kept small:
+    /// arguments are captured once (an `async fn` would keep each twice), refusals are boxed,
+    /// the connect state is boxed and gone once connected, the stream's halves stay in one
+    /// place (the copy borrows them), and the record is built at the end.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    fn serve(
         self,
-        target: Result<SocketAddr, Refusal>,
+        target: Result<SocketAddr, Box<Refusal>>,
         src: SocketAddr,
-        body: RecvStream,
+        mut body: RecvStream,
         mut respond: SendResponse<Bytes>,
-    ) {
-        let started = Instant::now();
-        let mut dst = self.local;
-        // The tunnel's client is the peer: bytes it sent are "sent". The record is built at
-        // the end, so the task (alive as long as the connection) does not carry it.
-        let (mut sent, mut received) = (0, 0);
-        // Boxed so the task does not carry the connect state's size either.
-        let opened = match target {
-            Ok(authority) => Box::pin(self.connect(authority, src.ip())).await,
-            Err(refusal) => Err(refusal),
-        };
-        let error = match opened {
-            Ok((authority, upstream, mut tracked)) => {
-                dst = authority;
-                let response = Response::builder()
-                    .status(StatusCode::OK)
-                    .header(
-                        headers::BAGGAGE,
-                        headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
-                    )
-                    .body(())
-                    .expect("static response is valid");
-                match respond.send_response(response, false) {
-                    Ok(send) => tokio::select! {
-                        copied = copy::tunnel(&upstream, send, body) => match copied {
-                            Ok(t) => {
-                                (received, sent) = (t.a_to_b, t.b_to_a);
-                                None
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let started = Instant::now();
+            let opened = match target {
+                Ok(authority) => Box::pin(self.connect(authority, src.ip()))
+                    .await
+                    .map_err(Box::new),
+                Err(refusal) => Err(refusal),
+            };
+            // The tunnel's client is the peer: bytes it sent are "sent".
+            let (dst, outcome) = match opened {
+                Ok((authority, upstream, mut tracked)) => {
+                    let response = Response::builder()
+                        .status(StatusCode::OK)
+                        .header(
+                            headers::BAGGAGE,
+                            headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
+                        )
+                        .body(())
+                        .expect("static response is valid");
+                    let outcome = match respond.send_response(response, false) {
+                        Ok(mut send) => tokio::select! {
+                            copied = copy::tunnel(&upstream, &mut send, &mut body) => {
+                                copied.map(|t| (t.b_to_a, t.a_to_b)).map_err(|e| e.to_string())
                             }
-                            Err(e) => Some(e.to_string()),
+                            why = tracked.revoked() => {
+                                // Dropping the tunnel's stream handles resets the stream; the
+                                // application sees a reset too.
+                                copy::reset(&upstream);
+                                Err(format!("closed: now denied by authorization policy: {why}"))
+                            }
                         },
-                        why = tracked.revoked() => {
-                            // Dropping the tunnel's stream handles resets the stream; the
-                            // application sees a reset too.
-                            copy::reset(&upstream);
-                            Some(format!("closed: now denied by authorization policy: {why}"))
-                        }
-                    },
-                    Err(e) => Some(format!("sending 200: {e}")),
+                        Err(e) => Err(format!("sending 200: {e}")),
+                    };
+                    (authority, outcome)
                 }
-            }
-            Err(refusal) => {
-                let response = Response::builder()
-                    .status(refusal.status())
-                    .body(())
-                    .expect("static response is valid");
-                let _ = respond.send_response(response, true);
-                Some(format!("{} ({})", refusal, refusal.status()))
-            }
-        };
-        self.proxy.events.record(ConnectionRecord {
-            direction: Direction::InboundHbone,
-            src,
-            dst,
-            local_identity: Some(self.workload.identity().clone()),
-            peer_identity: self.peer_id.clone(),
-            sent,
-            received,
-            duration: started.elapsed(),
-            error,
-        });
+                Err(refusal) => {
+                    let response = Response::builder()
+                        .status(refusal.status())
+                        .body(())
+                        .expect("static response is valid");
+                    let _ = respond.send_response(response, true);
+                    (
+                        self.local,
+                        Err(format!("{} ({})", refusal, refusal.status())),
+                    )
+                }
+            };
+            let ((sent, received), error) = match outcome {
+                Ok(moved) => (moved, None),
+                Err(e) => ((0, 0), Some(e)),
+            };
+            self.proxy.events.record(ConnectionRecord {
+                direction: Direction::InboundHbone,
+                src,
+                dst,
+                local_identity: Some(self.workload.identity().clone()),
+                peer_identity: self.peer_id.clone(),
+                sent,
+                received,
+                duration: started.elapsed(),
+                error,
+            });
+        }
     }
 
     /// The address the request asks for, when it is a CONNECT to this workload.

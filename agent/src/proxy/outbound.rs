@@ -90,63 +90,51 @@ pub enum Upstream {
 }
 
 /// Serves one captured connection from `source`.
-pub async fn handle(
+///
+/// A plain function returning an `async move` block rather than an `async fn`: an `async fn`
+/// keeps each argument twice in its future (as captured, and as the body's local), and this
+/// future lives as long as the connection.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn handle(
     proxy: Arc<Proxy>,
     net: Net,
     source: Arc<Workload>,
     client: TcpStream,
     peer: PeerAddr,
-) {
-    let dst = match super::orig_dst(&client) {
-        Ok(dst) => dst,
-        Err(e) => {
-            tracing::warn!(src = %peer.0, error = %e, "cannot read the original destination");
-            return;
-        }
-    };
-    let started = Instant::now();
-    // Opening (resolve, pool, TLS and HTTP/2 handshakes) is boxed: its state lives only until
-    // the upstream is open, so the task that then lives as long as the connection stays small.
-    let result = Box::pin(open(&proxy, &net, &source, peer, dst)).await;
-    finish(&proxy, &source, &client, peer, dst, started, result).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let dst = match super::orig_dst(&client) {
+            Ok(dst) => dst,
+            Err(e) => {
+                tracing::warn!(src = %peer.0, error = %e, "cannot read the original destination");
+                return;
+            }
+        };
+        let started = Instant::now();
+        // Opening (resolve, pool, TLS and HTTP/2 handshakes) is boxed: its state lives only
+        // until the upstream is open, so the task that then lives as long as the connection
+        // stays small.
+        let result = Box::pin(open(&proxy, &net, &source, peer, dst)).await;
+        finish(&proxy, &source, &client, peer, dst, started, result).await;
+    }
 }
 
 /// Copies a connection whose upstream was opened (or failed) and records the outcome.
 ///
-/// The record is built once the copy ended, and the upstream's parts move straight into the
-/// copy: this future lives as long as the connection, so nothing is kept in it twice.
-pub async fn finish(
-    proxy: &Proxy,
-    source: &Workload,
-    client: &TcpStream,
+/// The returned future lives as long as the connection, so it holds only what the copy and
+/// the record need: the upstream's parts (borrowed by the copy, not moved again), the
+/// record's addresses and start time; the record itself is built once the copy ended.
+pub fn finish<'a>(
+    proxy: &'a Proxy,
+    source: &'a Workload,
+    client: &'a TcpStream,
     peer: PeerAddr,
     dst: OrigDstAddr,
     started: Instant,
     opened: Result<Upstream, Error>,
-) {
-    let (direction, peer_identity, copied) = match opened {
-        Ok(Upstream::Hbone {
-            send,
-            recv,
-            peer,
-            _slot,
-        }) => {
-            let copied = copy::tunnel(client, send, recv).await;
-            drop(_slot);
-            (
-                Direction::OutboundHbone,
-                peer,
-                copied.map_err(|e| e.to_string()),
-            )
-        }
-        Ok(Upstream::Tcp(server)) => {
-            let copied = copy::tcp(client, &server).await;
-            (
-                Direction::OutboundPassthrough,
-                None,
-                copied.map_err(|e| e.to_string()),
-            )
-        }
+) -> impl Future<Output = ()> + 'a {
+    let mut link = match opened {
+        Ok(upstream) => Ok(upstream),
         Err(e) => {
             // The client must see a failure, not an orderly close.
             copy::reset(client);
@@ -155,24 +143,47 @@ pub async fn finish(
             } else {
                 Direction::OutboundPassthrough
             };
-            (direction, None, Err(e.to_string()))
+            Err((direction, e.to_string()))
         }
     };
-    let (sent, received, error) = match copied {
-        Ok(t) => (t.a_to_b, t.b_to_a, None),
-        Err(e) => (0, 0, Some(e)),
-    };
-    proxy.events.record(ConnectionRecord {
-        direction,
-        src: peer.0,
-        dst: dst.0,
-        local_identity: Some(source.identity().clone()),
-        peer_identity,
-        sent,
-        received,
-        duration: started.elapsed(),
-        error,
-    });
+    async move {
+        let (direction, copied) = match &mut link {
+            Ok(Upstream::Hbone { send, recv, .. }) => (
+                Direction::OutboundHbone,
+                copy::tunnel(client, send, recv)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            Ok(Upstream::Tcp(server)) => (
+                Direction::OutboundPassthrough,
+                copy::tcp(client, server).await.map_err(|e| e.to_string()),
+            ),
+            Err((direction, e)) => (*direction, Err(std::mem::take(e))),
+        };
+        // The stream's slot on the pooled connection is given back before the record.
+        let peer_identity = match link {
+            Ok(Upstream::Hbone { peer, _slot, .. }) => {
+                drop(_slot);
+                peer
+            }
+            _ => None,
+        };
+        let (sent, received, error) = match copied {
+            Ok(t) => (t.a_to_b, t.b_to_a, None),
+            Err(e) => (0, 0, Some(e)),
+        };
+        proxy.events.record(ConnectionRecord {
+            direction,
+            src: peer.0,
+            dst: dst.0,
+            local_identity: Some(source.identity().clone()),
+            peer_identity,
+            sent,
+            received,
+            duration: started.elapsed(),
+            error,
+        });
+    }
 }
 
 /// Resolves `dst` for `source` and connects from `net`: HBONE to a mesh workload that accepts
