@@ -3,9 +3,10 @@
 //! queueing the next operation of that connection and direction.
 //!
 //! A direction has one operation in flight at a time: read (into its buffer, or socket → pipe),
-//! then write until all of it went out, then read again. Sockets and pipes stay blocking: a
-//! ring operation on a non-blocking descriptor may end in EAGAIN instead of waiting, and
-//! `IORING_OP_SPLICE` always runs on an io_uring worker thread where EAGAIN is retried in a loop.
+//! then write until all of it went out, then read again. Sockets and pipes stay blocking and no
+//! `SPLICE_F_NONBLOCK` is passed: `IORING_OP_SPLICE` is always handed to an io_uring worker
+//! thread (it has no poll-driven retry), which should wait there rather than come back with
+//! EAGAIN; recv and send wait by polling whatever the descriptor's mode.
 //!
 //! Shutdown: on the stop event every operation in flight is cancelled and every socket shut
 //! down; the loop returns once the last completion arrived, so no buffer or descriptor is freed
