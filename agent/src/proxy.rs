@@ -22,6 +22,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
+pub mod readahead;
 pub mod socks5;
 
 use std::io;
@@ -75,7 +76,7 @@ impl Proxy {
     ) -> io::Result<TcpStream> {
         let socket = net.tcp_socket(dst.ip())?;
         if let Some(ip) = src {
-            socket.bind(SocketAddr::new(ip, 0))?;
+            bind_source(&socket, ip)?;
         }
         self.connect_socket(socket, dst).await
     }
@@ -100,6 +101,22 @@ impl Proxy {
         stream.set_nodelay(true)?;
         Ok(stream)
     }
+}
+
+/// Binds an outgoing socket to the source address `ip`, leaving the port to `connect`.
+///
+/// With `IP_BIND_ADDRESS_NO_PORT` the kernel picks the port at connect time, unique only for
+/// the whole 4-tuple, as for any client; a plain bind to port 0 would reserve a port for the
+/// address alone, and every source address (a client pod's, for each connection delivered
+/// from it) would run out of its ~28,000 ephemeral ports after as many connections in a
+/// minute, while they wait in TIME_WAIT.
+pub(crate) fn bind_source<S: std::os::fd::AsFd>(socket: &S, ip: IpAddr) -> io::Result<()> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )?;
+    socket2::SockRef::from(socket).bind(&SocketAddr::new(ip, 0).into())
 }
 
 /// Binds a listener with SO_REUSEADDR and SO_REUSEPORT, so a new agent can bind beside one
@@ -188,4 +205,36 @@ where
         }
     }
     tracing::debug!(listener = ?local, "listener closed for drain");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The source port is left to `connect`, so it is not reserved at bind time; the
+    /// connection still gets one and works.
+    #[tokio::test]
+    async fn a_source_bind_leaves_the_port_to_connect() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        let mut ports = Vec::new();
+        for _ in 0..2 {
+            let socket = TcpSocket::new_v4().unwrap();
+            bind_source(&socket, IpAddr::from([127, 0, 0, 1])).unwrap();
+            assert_eq!(
+                socket.local_addr().unwrap().port(),
+                0,
+                "no port reserved at bind"
+            );
+            let stream = socket.connect(dst).await.unwrap();
+            let (accepted, from) = listener.accept().await.unwrap();
+            let local = stream.local_addr().unwrap();
+            assert_eq!(local, from);
+            assert_eq!(local.ip(), IpAddr::from([127, 0, 0, 1]));
+            assert_ne!(local.port(), 0);
+            ports.push(local.port());
+            drop(accepted);
+        }
+        assert_ne!(ports[0], ports[1]);
+    }
 }

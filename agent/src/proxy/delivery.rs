@@ -79,8 +79,6 @@ fn transparent_socket(pod: &PodNet, client: IpAddr, dst: SocketAddr) -> Result<T
         socket.set_ip_transparent_v6(true)
     };
     transparent.map_err(|e| format!("IP_TRANSPARENT: {e}"))?;
-    socket
-        .bind(&SocketAddr::new(client, 0).into())
-        .map_err(|e| format!("binding {client}: {e}"))?;
+    super::bind_source(&socket, client).map_err(|e| format!("binding {client}: {e}"))?;
     Ok(TcpSocket::from_std_stream(socket.into()))
 }
