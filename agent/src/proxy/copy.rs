@@ -51,8 +51,8 @@ enum End {
 /// the buffer) or found nothing to read. A busy stream keeps its buffer from read to read; an
 /// idle connection holds none, whatever its past traffic. (The allocator keeps freed buffers
 /// for reuse, see `main.rs`, so letting go is cheap.)
-struct Buf {
-    buf: BytesMut,
+pub(super) struct Buf {
+    pub(super) buf: BytesMut,
     /// Size of the next read.
     size: u32,
     /// The last read filled the buffer.
@@ -60,7 +60,7 @@ struct Buf {
 }
 
 impl Buf {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             buf: BytesMut::new(),
             size: MIN_BUF as u32,
@@ -70,7 +70,11 @@ impl Buf {
 
     /// Reads once from `sock` into the (empty) buffer, then sizes the next read by how full
     /// this one was.
-    fn poll_read(&mut self, sock: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    pub(super) fn poll_read(
+        &mut self,
+        sock: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
         let size = self.size as usize;
         let n = loop {
             ready!(sock.poll_read_ready(cx))?;
@@ -94,7 +98,7 @@ impl Buf {
 
     /// Called once the bytes read were passed on: keeps the buffer for the next read while the
     /// socket is likely to have more (the last read filled it), releases it otherwise.
-    fn consumed(&mut self) {
+    pub(super) fn consumed(&mut self) {
         if self.full {
             self.buf.clear();
         } else {

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use xds::Workload;
 
 use super::authorization::{self, Denied, Tracked};
+use super::readahead::ReadAhead;
 use super::{PeerAddr, Proxy, copy, delivery, headers};
 use crate::drain::Watch;
 use crate::events::{ConnectionRecord, Direction};
@@ -47,7 +48,9 @@ pub async fn handle(
         return;
     };
     let handshake = async {
-        let tls = TlsAcceptor::from(config).accept(tcp).await?;
+        let tls = TlsAcceptor::from(config)
+            .accept(ReadAhead::new(tcp))
+            .await?;
         let peer_id = tls::peer_identity(tls.get_ref().1);
         let conn = h2::server::Builder::new()
             .initial_window_size(proxy.cfg.h2.stream_window)

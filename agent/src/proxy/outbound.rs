@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 use xds::{Destination, Service, Workload};
 
 use super::pool::{self, Checkout, Key};
+use super::readahead::ReadAhead;
 use super::{OrigDstAddr, PeerAddr, Proxy, copy, headers};
 use crate::events::{ConnectionRecord, Direction};
 use crate::netns::Net;
@@ -365,7 +366,7 @@ async fn connect(proxy: &Proxy, net: &Net, key: &Key) -> Result<pool::Conn, Erro
         .map_err(|source| Error::Connect { addr, source })?;
     let handshake = async {
         let tls = TlsConnector::from(config)
-            .connect(tls::server_name(), tcp)
+            .connect(tls::server_name(), ReadAhead::new(tcp))
             .await
             .map_err(|source| Error::Tls { addr, source })?;
         let peer = tls::peer_identity(tls.get_ref().1);
