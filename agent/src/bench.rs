@@ -87,6 +87,29 @@ impl fmt::Display for Mode {
     }
 }
 
+/// Groups of cases, as `--cases` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CaseGroup {
+    /// Throughput with 1 and 4 streams, both directions, and the agents' CPU per GB.
+    Throughput,
+    /// Ping-pong round trips of 64 B and 1 KiB.
+    Latency,
+    /// New connections per second with 1 and 4 threads, and the agents' CPU per connection.
+    Connections,
+    /// The agents' memory idle and with `--idle-conns` idle connections open.
+    Memory,
+}
+
+impl CaseGroup {
+    pub const ALL: [CaseGroup; 4] = [
+        CaseGroup::Throughput,
+        CaseGroup::Latency,
+        CaseGroup::Connections,
+        CaseGroup::Memory,
+    ];
+}
+
 /// What is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -110,6 +133,15 @@ pub enum Case {
 impl Case {
     fn needs_agents(self) -> bool {
         matches!(self, Case::AgentIdle | Case::IdleConns)
+    }
+
+    fn group(self) -> CaseGroup {
+        match self {
+            Case::AgentIdle | Case::IdleConns => CaseGroup::Memory,
+            Case::Throughput { .. } => CaseGroup::Throughput,
+            Case::PingPong { .. } => CaseGroup::Latency,
+            Case::ConnRate { .. } => CaseGroup::Connections,
+        }
     }
 }
 
@@ -135,6 +167,8 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     pub modes: Vec<Mode>,
+    /// Which groups of cases run.
+    pub cases: Vec<CaseGroup>,
     /// Measuring window of each sample.
     #[serde(serialize_with = "secs")]
     pub duration: Duration,
@@ -169,13 +203,19 @@ impl Settings {
         }));
         cases.extend(PING_PONG_SIZES.map(|size| Case::PingPong { size }));
         cases.extend(CONN_THREADS.map(|threads| Case::ConnRate { threads }));
+        cases.retain(|c| self.cases.contains(&c.group()));
         cases
     }
 
     /// Descriptors the bench process needs: the client end of every idle connection, and
     /// spare.
     fn descriptors(&self) -> u64 {
-        self.idle_conns.iter().copied().max().unwrap_or(0) as u64 + 1024
+        let idle = if self.cases.contains(&CaseGroup::Memory) {
+            self.idle_conns.iter().copied().max().unwrap_or(0)
+        } else {
+            0
+        };
+        idle as u64 + 1024
     }
 }
 
@@ -551,4 +591,50 @@ fn idle(bed: &Bed, lane: &Lane, s: &Settings, interrupt: &Interrupt) -> anyhow::
         steps,
         error: result.err().map(|e| format!("{e:#}")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(cases: &[CaseGroup], idle_conns: Vec<usize>) -> Settings {
+        Settings {
+            modes: vec![Mode::Direct, Mode::Mesh],
+            cases: cases.to_vec(),
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            repeats: 1,
+            idle_conns,
+            round_trip_cap: 10,
+            conn_cap: 10,
+            agent_args: Vec::new(),
+            json: None,
+            svg: None,
+        }
+    }
+
+    /// `--cases` picks whole groups; memory comes first; idle connections only count towards
+    /// the descriptors needed when memory is measured.
+    #[test]
+    fn cases_follow_the_selected_groups() {
+        let all = settings(&CaseGroup::ALL, vec![5000]);
+        assert_eq!(all.cases().len(), 2 + 4 + 2 + 2);
+        assert_eq!(all.cases()[0], Case::AgentIdle);
+        assert_eq!(all.descriptors(), 5000 + 1024);
+        let latency = settings(&[CaseGroup::Latency], vec![5000]);
+        assert_eq!(
+            latency.cases(),
+            [Case::PingPong { size: 64 }, Case::PingPong { size: 1024 }]
+        );
+        assert_eq!(latency.descriptors(), 1024);
+        let some = settings(&[CaseGroup::Connections, CaseGroup::Memory], Vec::new());
+        assert_eq!(
+            some.cases(),
+            [
+                Case::AgentIdle,
+                Case::ConnRate { threads: 1 },
+                Case::ConnRate { threads: 4 }
+            ]
+        );
+    }
 }

@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// agents), tcp (capture, plain TCP between them).
     #[arg(long, value_delimiter = ',', default_value = "direct,mesh,tcp")]
     pub modes: Vec<crate::bench::Mode>,
+    /// Groups of cases to run: throughput, latency, connections, memory [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub cases: Option<Vec<crate::bench::CaseGroup>>,
     /// Measuring window of each sample [default: 2s; --quick: 200ms].
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -123,8 +126,23 @@ impl BenchArgs {
         if modes.is_empty() {
             return Err("--modes: name at least one of direct, mesh, tcp".into());
         }
+        let mut cases = Vec::new();
+        for c in self
+            .cases
+            .unwrap_or_else(|| crate::bench::CaseGroup::ALL.to_vec())
+        {
+            if !cases.contains(&c) {
+                cases.push(c);
+            }
+        }
+        if cases.is_empty() {
+            return Err(
+                "--cases: name at least one of throughput, latency, connections, memory".into(),
+            );
+        }
         Ok(crate::bench::Settings {
             modes,
+            cases,
             duration,
             warmup,
             repeats,
@@ -745,6 +763,11 @@ mod tests {
                 .contains("--duration")
         );
         assert!(bench(&["--modes", "udp"]).is_err());
+        use crate::bench::CaseGroup;
+        assert_eq!(s.cases, CaseGroup::ALL);
+        let c = bench(&["--cases", "latency,throughput,latency"]).unwrap();
+        assert_eq!(c.cases, [CaseGroup::Latency, CaseGroup::Throughput]);
+        assert!(bench(&["--cases", "speed"]).is_err());
     }
 
     #[test]

@@ -276,6 +276,7 @@ fn json_holds_every_raw_sample_the_figures_and_the_machine() {
     let machine = Machine::current();
     let settings = Settings {
         modes: modes.to_vec(),
+        cases: crate::bench::CaseGroup::ALL.to_vec(),
         duration: Duration::from_millis(1500),
         warmup: Duration::from_millis(300),
         repeats: 3,
