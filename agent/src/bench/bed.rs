@@ -79,11 +79,21 @@ impl Bed {
             dir,
             agent_args: agent_args.to_vec(),
         };
-        for node in &bed.topology.nodes {
+        // Wide port ranges, so connection churn does not run out of ports, and disjoint ones
+        // per node: the simulated nodes share one kernel, whose connect-time port choice
+        // walks one sequence per (source, destination, port) for every namespace, so
+        // node-1's agent (sending as the client pod) and node-2's (delivering as it) would
+        // pick each other's ports in use, and a SYN would be taken for the other
+        // connection's. On two real nodes the kernels choose independently.
+        for (node, ports) in bed
+            .topology
+            .nodes
+            .iter()
+            .zip(["10000 37767", "37768 65535"])
+        {
             for pod in &node.pods {
                 pod.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-                pod.ns
-                    .sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
+                pod.ns.sysctl("net.ipv4.ip_local_port_range", ports)?;
             }
         }
         ca_client::LocalCa::init(&bed.ca()).context("creating the bench's root CA")?;
