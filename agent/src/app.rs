@@ -401,7 +401,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = int.recv() => { tracing::info!("SIGINT received"); break }
             _ = hup.recv() => {
                 if let Err(e) = agent.reload() {
-                    tracing::error!(error = %format!("{e:#}"), "mesh file not reloaded; keeping the current state");
+                    tracing::error!(error = %crate::describe(&e), "mesh file not reloaded; keeping the current state");
                 }
             }
         }

@@ -379,7 +379,7 @@ fn measure(bed: &mut Bed, s: &Settings, interrupt: &Interrupt) -> anyhow::Result
                     Ok(data) => data,
                     Err(_) if interrupt.load(Ordering::Relaxed) => bail!("interrupted"),
                     Err(e) => Data::Failed {
-                        error: format!("{e:#}"),
+                        error: crate::describe(&e),
                     },
                 };
                 done += 1;
@@ -589,7 +589,7 @@ fn idle(bed: &Bed, lane: &Lane, s: &Settings, interrupt: &Interrupt) -> anyhow::
     Ok(Data::IdleConns {
         before,
         steps,
-        error: result.err().map(|e| format!("{e:#}")),
+        error: result.err().map(|e| crate::describe(&e)),
     })
 }
 
