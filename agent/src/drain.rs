@@ -4,18 +4,20 @@
 //! connection that still holds its `Watch` counts as open, so dropping the `Watch` (when the
 //! connection ends) is what lets the drain finish early.
 
-use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::Notify;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 enum Phase {
-    Running,
+    Running = 0,
     /// Stop accepting; finish what is open.
-    Draining,
+    Draining = 1,
     /// The deadline passed: close everything now.
-    Closed,
+    Closed = 2,
 }
 
 /// How a drain ended.
@@ -27,55 +29,122 @@ pub enum Outcome {
     Forced,
 }
 
-pub struct Trigger {
-    phase: watch::Sender<Phase>,
-    open: mpsc::Receiver<Infallible>,
+/// What a drain's [`Trigger`] and its [`Watch`]es share.
+///
+/// Every connection task holds a `Watch` and waits on it for the whole connection, so both are
+/// kept small: a `Watch` is one pointer and waiting is one `Notify` waiter. (A `watch` channel
+/// receiver plus its `wait_for` future, and an mpsc sender to count the open ones, cost ~200 B
+/// more in every connection's task.)
+struct Shared {
+    phase: AtomicU8,
+    /// Live `Watch`es.
+    open: AtomicUsize,
+    /// Woken on every phase change.
+    changed: Notify,
+    /// Given a permit when the last `Watch` is dropped.
+    idle: Notify,
 }
 
-#[derive(Clone)]
+pub struct Trigger {
+    shared: Arc<Shared>,
+}
+
+/// A listener's or connection's hold on the drain: it counts as open until dropped.
 pub struct Watch {
-    phase: watch::Receiver<Phase>,
-    _open: mpsc::Sender<Infallible>,
+    shared: Arc<Shared>,
 }
 
 pub fn channel() -> (Trigger, Watch) {
-    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-    let (open_tx, open_rx) = mpsc::channel(1);
+    let shared = Arc::new(Shared {
+        phase: AtomicU8::new(Phase::Running as u8),
+        open: AtomicUsize::new(1),
+        changed: Notify::new(),
+        idle: Notify::new(),
+    });
     (
         Trigger {
-            phase: phase_tx,
-            open: open_rx,
+            shared: shared.clone(),
         },
-        Watch {
-            phase: phase_rx,
-            _open: open_tx,
-        },
+        Watch { shared },
     )
+}
+
+impl Shared {
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::Acquire)
+    }
+
+    fn enter(&self, phase: Phase) {
+        self.phase.fetch_max(phase as u8, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once no `Watch` is left.
+    async fn idle(&self) {
+        // A `Watch` is only made from a live one, so once the count reaches zero it stays
+        // there; the permit `notify_one` leaves covers a last drop before this waits.
+        while self.open.load(Ordering::Acquire) != 0 {
+            self.idle.notified().await;
+        }
+    }
 }
 
 impl Trigger {
     /// Starts draining and waits until every [`Watch`] is dropped or `deadline` passes; then
     /// tells the rest to close and gives them a moment to do so.
-    pub async fn drain(mut self, deadline: Duration) -> Outcome {
-        let _ = self.phase.send(Phase::Draining);
-        if tokio::time::timeout(deadline, self.open.recv())
+    pub async fn drain(self, deadline: Duration) -> Outcome {
+        self.shared.enter(Phase::Draining);
+        if tokio::time::timeout(deadline, self.shared.idle())
             .await
             .is_ok()
         {
             return Outcome::Clean;
         }
-        let _ = self.phase.send(Phase::Closed);
+        self.shared.enter(Phase::Closed);
         // Closing is immediate for well-behaved tasks; bound the wait anyway.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.open.recv()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.idle()).await;
         Outcome::Forced
+    }
+}
+
+impl Drop for Trigger {
+    /// A trigger dropped without draining (its owner failed or went away) closes everything,
+    /// as a drain past its deadline would; after [`Trigger::drain`] this is already so.
+    fn drop(&mut self) {
+        self.shared.enter(Phase::Closed);
+    }
+}
+
+impl Clone for Watch {
+    fn clone(&self) -> Self {
+        self.shared.open.fetch_add(1, Ordering::Relaxed);
+        Watch {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.shared.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.idle.notify_one();
+        }
     }
 }
 
 impl Watch {
     async fn reached(&self, phase: Phase) {
-        let mut rx = self.phase.clone();
-        // An error means the trigger is gone, which only happens once drained.
-        let _ = rx.wait_for(|p| *p >= phase).await;
+        let changed = self.shared.changed.notified();
+        tokio::pin!(changed);
+        loop {
+            // Registered before the phase is read, so a change in between still wakes it.
+            changed.as_mut().enable();
+            if self.shared.phase() >= phase as u8 {
+                return;
+            }
+            changed.as_mut().await;
+            changed.set(self.shared.changed.notified());
+        }
     }
 
     /// Resolves when the agent starts draining: stop accepting new work.
@@ -88,8 +157,15 @@ impl Watch {
         self.reached(Phase::Closed).await
     }
 
+    /// [`Watch::closed`] owning the watch: the connection counts as open until this future is
+    /// dropped.
+    #[allow(clippy::manual_async_fn)] // captures the watch once; an `async fn` keeps it twice
+    pub fn into_closed(self) -> impl Future<Output = ()> + Send + 'static {
+        async move { self.closed().await }
+    }
+
     pub fn is_draining(&self) -> bool {
-        *self.phase.borrow() >= Phase::Draining
+        self.shared.phase() >= Phase::Draining as u8
     }
 }
 
@@ -108,6 +184,59 @@ mod tests {
         });
         assert_eq!(trigger.drain(Duration::from_secs(5)).await, Outcome::Clean);
         task.await.unwrap();
+    }
+
+    /// The last watch going away before the drain starts still lets it end at once.
+    #[tokio::test(start_paused = true)]
+    async fn drain_is_clean_when_the_watches_were_gone_before_it_started() {
+        let (trigger, watch) = channel();
+        let more = watch.clone();
+        drop((watch, more));
+        let started = tokio::time::Instant::now();
+        assert_eq!(trigger.drain(Duration::from_secs(5)).await, Outcome::Clean);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// Every waiting task wakes at each phase, not only the first one.
+    #[tokio::test(start_paused = true)]
+    async fn every_watch_sees_draining_then_closed() {
+        let (trigger, watch) = channel();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..3 {
+            let (watch, seen) = (watch.clone(), seen_tx.clone());
+            tokio::spawn(async move {
+                watch.draining().await;
+                seen.send("draining").unwrap();
+                watch.closed().await;
+                seen.send("closed").unwrap();
+            });
+        }
+        drop((watch, seen_tx));
+        tokio::task::yield_now().await;
+        assert!(seen_rx.try_recv().is_err(), "nothing before the drain");
+        let drain = tokio::spawn(trigger.drain(Duration::from_secs(5)));
+        let mut seen = Vec::new();
+        while let Some(phase) = seen_rx.recv().await {
+            seen.push(phase);
+        }
+        assert_eq!(
+            seen,
+            ["draining"; 3]
+                .into_iter()
+                .chain(["closed"; 3])
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(drain.await.unwrap(), Outcome::Forced);
+    }
+
+    /// A trigger that is dropped instead of drained closes its watches.
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_trigger_closes_the_watches() {
+        let (trigger, watch) = channel();
+        assert!(!watch.is_draining());
+        drop(trigger);
+        watch.closed().await;
+        assert!(watch.is_draining());
     }
 
     #[tokio::test(start_paused = true)]

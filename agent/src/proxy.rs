@@ -27,7 +27,9 @@ pub mod socks5;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -164,8 +166,9 @@ pub(crate) async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeo
     }
 }
 
-/// Accepts connections until the drain starts; runs `handler` for each on its own task,
-/// which holds a drain watch until it ends and is abandoned when the drain deadline passes.
+/// Accepts connections until the drain starts; runs `handler`'s future for each on its own
+/// task, which holds a drain watch until it ends and is abandoned when the drain deadline
+/// passes.
 /// Accepted sockets get `TCP_NODELAY`: the agent writes what it has as soon as it has it, so
 /// small replies are not held back by Nagle's algorithm.
 pub async fn serve<F, Fut>(listener: TcpListener, drain: crate::drain::Watch, handler: F)
@@ -173,9 +176,6 @@ where
     F: Fn(TcpStream, PeerAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    // Shared, so each connection's task takes one reference count instead of a copy of
-    // everything the handler captured.
-    let handler = Arc::new(handler);
     let local = listener.local_addr().ok();
     loop {
         let accepted = tokio::select! {
@@ -185,16 +185,9 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (handler, watch) = (Arc::clone(&handler), drain.clone());
-                // The handler's future is made inside the task, straight into the select: one
-                // made outside would be stored twice in the task (captured, then selected
-                // on), and the task lives as long as the connection.
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = handler(stream, PeerAddr(peer)) => {}
-                        () = watch.closed() => {}
-                    }
-                    drop(watch);
+                tokio::spawn(Guarded {
+                    conn: handler(stream, PeerAddr(peer)),
+                    closed: drain.clone().into_closed(),
                 });
             }
             Err(e) => {
@@ -205,6 +198,33 @@ where
         }
     }
     tracing::debug!(listener = ?local, "listener closed for drain");
+}
+
+pin_project_lite::pin_project! {
+    /// One connection's task: its handler's future, abandoned when the drain deadline passes
+    /// (`closed`, which holds the connection's drain watch and so is dropped after `conn`).
+    ///
+    /// A plain struct rather than an `async` block with a `select!`: the task lives as long as
+    /// the connection, and this way it holds the two futures and nothing else (the block also
+    /// kept the accepted socket and address it had handed to the handler).
+    struct Guarded<F, C> {
+        #[pin]
+        conn: F,
+        #[pin]
+        closed: C,
+    }
+}
+
+impl<F: Future<Output = ()>, C: Future<Output = ()>> Future for Guarded<F, C> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.conn.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.closed.poll(cx)
+    }
 }
 
 #[cfg(test)]
