@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::Notify;
+use xds::Workload;
 use xds::policy::{Connection, Decision, Reason};
 
 /// Every live inbound connection, by id.
@@ -23,9 +24,10 @@ pub struct Registry {
 }
 
 /// Kept small: there is one per open inbound connection (a `watch` channel here cost ~350 B
-/// per connection; a once-cell and a `Notify` ~50 B).
+/// per connection; a once-cell and a `Notify` ~50 B). The workload and the peer's principal
+/// are shared, not copied.
 struct Entry {
-    workload: String,
+    workload: Arc<Workload>,
     conn: Connection,
     /// Set once, with the reason, when a re-check denies the connection.
     revoked: OnceLock<Arc<str>>,
@@ -41,11 +43,11 @@ pub struct Tracked {
 }
 
 impl Registry {
-    /// Registers a connection to the local workload `workload` (its uid).
-    pub fn track(self: &Arc<Self>, workload: &str, conn: Connection) -> Tracked {
+    /// Registers a connection to the local workload `workload`.
+    pub fn track(self: &Arc<Self>, workload: &Arc<Workload>, conn: Connection) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
-            workload: workload.to_owned(),
+            workload: workload.clone(),
             conn,
             revoked: OnceLock::new(),
             wake: Notify::new(),
@@ -78,12 +80,13 @@ impl Registry {
             if entry.revoked.get().is_some() {
                 continue;
             }
-            let decision = store.read(|s| s.authorize(&entry.workload, &entry.conn));
-            log_dry_run(&entry.workload, &entry.conn, &decision);
+            let workload = entry.workload.uid.as_str();
+            let decision = store.read(|s| s.authorize(workload, &entry.conn));
+            log_dry_run(workload, &entry.conn, &decision);
             if !decision.is_allowed() {
                 let why: Arc<str> = decision.reason.to_string().into();
                 tracing::warn!(
-                    workload = %entry.workload, src = %entry.conn.src, dst = %entry.conn.dst,
+                    workload = %workload, src = %entry.conn.src, dst = %entry.conn.dst,
                     peer_identity = %peer(&entry.conn), reason = %why,
                     "open connection now denied by policy; closing it"
                 );
@@ -159,15 +162,16 @@ fn peer(conn: &Connection) -> String {
 #[error("denied by authorization policy: {0}")]
 pub struct Denied(pub Reason);
 
-/// Decides and tracks a new inbound connection: the guard while it is allowed.
+/// Decides and tracks a new inbound connection to the local `workload`: the guard while it
+/// is allowed.
 pub fn admit(
     registry: &Arc<Registry>,
     store: &xds::Store,
-    workload: &str,
+    workload: &Arc<Workload>,
     conn: Connection,
 ) -> Result<Tracked, Denied> {
     let tracked = registry.track(workload, conn.clone());
-    let decision = authorize(store, workload, &conn);
+    let decision = authorize(store, &workload.uid, &conn);
     if decision.is_allowed() {
         Ok(tracked)
     } else {
@@ -201,13 +205,17 @@ pub fn recheck_on_change(
 mod tests {
     use super::*;
     use identity::Identity;
+    use xds::State;
     use xds::policy::{Action, Peer, Policy, Rule, Scope};
-    use xds::{State, Workload};
+
+    fn echo() -> Arc<Workload> {
+        let id = Identity::new("cluster.local", "demo", "echo").unwrap();
+        Arc::new(Workload::new("demo/echo", "echo", id))
+    }
 
     fn store() -> xds::Store {
-        let id = Identity::new("cluster.local", "demo", "echo").unwrap();
         let mut state = State::new();
-        state.upsert_workload(Workload::new("demo/echo", "echo", id));
+        state.upsert_workload(Workload::clone(&echo()));
         xds::Store::new(state)
     }
 
@@ -241,9 +249,10 @@ mod tests {
     async fn a_change_revokes_exactly_the_connections_it_now_denies() {
         let store = store();
         let registry = Arc::new(Registry::default());
+        let echo = echo();
         let task = tokio::spawn(recheck_on_change(registry.clone(), store.clone()));
-        let mut a = admit(&registry, &store, "demo/echo", conn("a")).unwrap();
-        let mut b = admit(&registry, &store, "demo/echo", conn("b")).unwrap();
+        let mut a = admit(&registry, &store, &echo, conn("a")).unwrap();
+        let mut b = admit(&registry, &store, &echo, conn("b")).unwrap();
         assert_eq!(registry.len(), 2);
 
         store.update(|s| s.policies_mut().upsert(deny("a")));
@@ -255,7 +264,7 @@ mod tests {
         assert_eq!(registry.recheck(&store), 0);
         assert!(!b.is_revoked());
         // New connections of a are refused up front, and not left in the registry.
-        let Err(Denied(reason)) = admit(&registry, &store, "demo/echo", conn("a")) else {
+        let Err(Denied(reason)) = admit(&registry, &store, &echo, conn("a")) else {
             panic!("a must be denied");
         };
         assert!(matches!(reason, Reason::Denied { .. }), "{reason:?}");

@@ -108,16 +108,17 @@ impl Buf {
 }
 
 /// Writes `data[*written..]` to `sock`, advancing `written`; ready once all of it is written.
+/// (A `u32` count: `data` is one read buffer or one DATA frame, both far below 4 GiB.)
 fn poll_write_all(
     sock: &TcpStream,
     data: &[u8],
-    written: &mut usize,
+    written: &mut u32,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
-    while *written < data.len() {
+    while (*written as usize) < data.len() {
         ready!(sock.poll_write_ready(cx))?;
-        match sock.try_write(&data[*written..]) {
-            Ok(n) => *written += n,
+        match sock.try_write(&data[*written as usize..]) {
+            Ok(n) => *written += n as u32,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Poll::Ready(Err(e)),
         }
@@ -135,18 +136,26 @@ fn half_close(sock: &TcpStream) {
     let _ = SockRef::from(sock).shutdown(Shutdown::Write);
 }
 
-/// One direction out of a socket. Toward a socket, the bytes read are written from `buf`
-/// (`written` of them already); toward a tunnel they move into `pending`, which DATA frames
-/// share.
-struct FromSocket {
+/// One direction from a socket to a socket: the bytes read are written from `buf`
+/// (`written` of them already), or once the direction carries bulk data, spliced through
+/// `pipe`.
+struct ToSocket {
     buf: Buf,
-    pending: Bytes,
-    written: usize,
+    written: u32,
     /// Socket → socket, once the direction carries bulk data: bytes move through this pipe
     /// with `splice(2)`, never through user space.
     pipe: Option<Pipe>,
     /// Bytes in `pipe`, not yet spliced on.
-    in_pipe: usize,
+    in_pipe: u32,
+    count: u64,
+    done: bool,
+}
+
+/// One direction from a socket into a tunnel stream: the bytes read move into `pending`,
+/// which DATA frames share.
+struct ToTunnel {
+    buf: Buf,
+    pending: Bytes,
     count: u64,
     done: bool,
 }
@@ -201,16 +210,15 @@ impl Pipe {
 /// of it already.
 struct FromTunnel {
     chunk: Bytes,
-    written: usize,
+    written: u32,
     count: u64,
     done: bool,
 }
 
-impl FromSocket {
+impl ToSocket {
     fn new() -> Self {
         Self {
             buf: Buf::new(),
-            pending: Bytes::new(),
             written: 0,
             pipe: None,
             in_pipe: 0,
@@ -277,7 +285,7 @@ impl FromSocket {
     /// EOF (with the pipe empty).
     fn poll_splice(
         pipe: &Pipe,
-        in_pipe: &mut usize,
+        in_pipe: &mut u32,
         count: &mut u64,
         from: &TcpStream,
         to: &TcpStream,
@@ -285,8 +293,8 @@ impl FromSocket {
     ) -> Poll<io::Result<bool>> {
         while *in_pipe > 0 {
             ready!(to.poll_write_ready(cx))?;
-            match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, *in_pipe)) {
-                Ok(n) => *in_pipe -= n,
+            match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, *in_pipe as usize)) {
+                Ok(n) => *in_pipe -= n as u32,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -297,12 +305,24 @@ impl FromSocket {
                 Ok(0) => return Poll::Ready(Ok(false)),
                 Ok(n) => {
                     *count += n as u64;
-                    *in_pipe = n;
+                    // At most the pipe's capacity.
+                    *in_pipe = n as u32;
                     return Poll::Ready(Ok(true));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
+        }
+    }
+}
+
+impl ToTunnel {
+    fn new() -> Self {
+        Self {
+            buf: Buf::new(),
+            pending: Bytes::new(),
+            count: 0,
+            done: false,
         }
     }
 
@@ -429,8 +449,8 @@ fn settle(done: &mut bool, polled: Poll<End>) -> Option<io::Error> {
 pub struct Tcp<'a> {
     a: &'a TcpStream,
     b: &'a TcpStream,
-    up: FromSocket,
-    down: FromSocket,
+    up: ToSocket,
+    down: ToSocket,
 }
 
 /// Copies between two sockets; see [`Tcp`].
@@ -438,8 +458,8 @@ pub fn tcp<'a>(a: &'a TcpStream, b: &'a TcpStream) -> Tcp<'a> {
     Tcp {
         a,
         b,
-        up: FromSocket::new(),
-        down: FromSocket::new(),
+        up: ToSocket::new(),
+        down: ToSocket::new(),
     }
 }
 
@@ -497,7 +517,7 @@ pub struct Tunnel<'a> {
     sock: &'a TcpStream,
     send: &'a mut SendStream<Bytes>,
     recv: &'a mut RecvStream,
-    up: FromSocket,
+    up: ToTunnel,
     down: FromTunnel,
 }
 
@@ -512,7 +532,7 @@ pub fn tunnel<'a>(
         sock,
         send,
         recv,
-        up: FromSocket::new(),
+        up: ToTunnel::new(),
         down: FromTunnel::new(),
     }
 }

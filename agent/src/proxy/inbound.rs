@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use identity::Identity;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use xds::Workload;
+use xds::policy::Peer;
 
 use super::authorization::{self, Denied, Tracked};
 use super::readahead::ReadAhead;
@@ -51,7 +52,8 @@ pub async fn handle(
         let tls = TlsAcceptor::from(config)
             .accept(ReadAhead::new(tcp))
             .await?;
-        let peer_id = tls::peer_identity(tls.get_ref().1);
+        // With the principal policies compare computed once for all the connection's streams.
+        let peer_id = tls::peer_identity(tls.get_ref().1).map(|id| Arc::new(Peer::new(id)));
         let conn = h2::server::Builder::new()
             .initial_window_size(proxy.cfg.h2.stream_window)
             .initial_connection_window_size(proxy.cfg.h2.connection_window)
@@ -76,7 +78,7 @@ pub async fn handle(
                 return;
             }
         };
-    tracing::debug!(src = %peer.0, dst = %local, peer_identity = ?peer_id, "HBONE connection accepted");
+    tracing::debug!(src = %peer.0, dst = %local, peer_identity = ?peer_id.as_deref().map(Peer::identity), "HBONE connection accepted");
     let pings = conn.ping_pong();
     let keepalive = async {
         match pings {
@@ -133,7 +135,8 @@ struct Stream {
     /// The address the tunnel connection was accepted on (the workload's IP).
     local: SocketAddr,
     peer: PeerAddr,
-    peer_id: Option<Identity>,
+    /// Shared by the connection's streams.
+    peer_id: Option<Arc<Peer>>,
 }
 
 /// Why a CONNECT was refused, with the status it is answered with.
@@ -175,81 +178,38 @@ impl Refusal {
 impl Stream {
     /// Serves one CONNECT stream to its end and records it.
     ///
-    /// The task lives as long as the tunnelled connection, so what it holds is kept small:
-    /// arguments are captured once (an `async fn` would keep each twice), refusals are boxed,
-    /// the connect state is boxed and gone once connected, the stream's halves stay in one
-    /// place (the copy borrows them), and the record is built at the end.
-    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    /// Two phases, one task: the policy check and the upstream connect are boxed and gone once
+    /// connected, then the [`Relay`] answers and copies. The task lives as long as the
+    /// tunnelled connection, so it holds only the relay: what the copy and the record need,
+    /// with the stream's halves in one place (the copy borrows them). Refusals are boxed.
     fn serve(
         self,
         target: Result<SocketAddr, Box<Refusal>>,
         src: SocketAddr,
-        mut body: RecvStream,
-        mut respond: SendResponse<Bytes>,
+        body: RecvStream,
+        respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send {
-        async move {
+        let opening = Box::pin(async move {
             let started = Instant::now();
             let opened = match target {
-                Ok(authority) => Box::pin(self.connect(authority, src.ip()))
-                    .await
-                    .map_err(Box::new),
+                Ok(authority) => self.connect(authority, src.ip()).await.map_err(Box::new),
                 Err(refusal) => Err(refusal),
             };
-            // The tunnel's client is the peer: bytes it sent are "sent".
-            let (dst, outcome) = match opened {
-                Ok((authority, upstream, mut tracked)) => {
-                    let response = Response::builder()
-                        .status(StatusCode::OK)
-                        .header(
-                            headers::BAGGAGE,
-                            headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
-                        )
-                        .body(())
-                        .expect("static response is valid");
-                    let outcome = match respond.send_response(response, false) {
-                        Ok(mut send) => tokio::select! {
-                            copied = copy::tunnel(&upstream, &mut send, &mut body) => {
-                                copied.map(|t| (t.b_to_a, t.a_to_b)).map_err(|e| e.to_string())
-                            }
-                            why = tracked.revoked() => {
-                                // Dropping the tunnel's stream handles resets the stream; the
-                                // application sees a reset too.
-                                copy::reset(&upstream);
-                                Err(format!("closed: now denied by authorization policy: {why}"))
-                            }
-                        },
-                        Err(e) => Err(format!("sending 200: {e}")),
-                    };
-                    (authority, outcome)
-                }
-                Err(refusal) => {
-                    let response = Response::builder()
-                        .status(refusal.status())
-                        .body(())
-                        .expect("static response is valid");
-                    let _ = respond.send_response(response, true);
-                    (
-                        self.local,
-                        Err(format!("{} ({})", refusal, refusal.status())),
-                    )
-                }
-            };
-            let ((sent, received), error) = match outcome {
-                Ok(moved) => (moved, None),
-                Err(e) => ((0, 0), Some(e)),
-            };
-            self.proxy.events.record(ConnectionRecord {
-                direction: Direction::InboundHbone,
+            Relay {
+                dst: opened
+                    .as_ref()
+                    .map_or(self.local, |(authority, ..)| *authority),
+                opened: opened.map(|(_, upstream, tracked)| (upstream, tracked)),
+                proxy: self.proxy,
+                workload: self.workload,
+                peer_id: self.peer_id,
                 src,
-                dst,
-                local_identity: Some(self.workload.identity().clone()),
-                peer_identity: self.peer_id.clone(),
-                sent,
-                received,
-                duration: started.elapsed(),
-                error,
-            });
-        }
+                started,
+                body,
+                respond,
+            }
+        });
+        opening.then(Relay::run)
     }
 
     /// The address the request asks for, when it is a CONNECT to this workload.
@@ -283,12 +243,12 @@ impl Stream {
         let conn = xds::policy::Connection {
             src: self.peer.0,
             dst: authority,
-            peer: self.peer_id.clone().map(xds::policy::Peer::new),
+            peer: self.peer_id.as_deref().cloned(),
         };
         let tracked = authorization::admit(
             &self.proxy.live_inbound,
             &self.proxy.state,
-            &self.workload.uid,
+            &self.workload,
             conn,
         )?;
         let (upstream, _) = delivery::connect(&self.proxy, &self.net, client, authority)
@@ -298,6 +258,85 @@ impl Stream {
                 source,
             })?;
         Ok((authority, upstream, tracked))
+    }
+}
+
+/// A CONNECT stream once its upstream was connected (or refused).
+struct Relay {
+    proxy: Arc<Proxy>,
+    workload: Arc<Workload>,
+    peer_id: Option<Arc<Peer>>,
+    /// The tunnel's client (from `forwarded`, else the peer).
+    src: SocketAddr,
+    /// The authority connected to (the workload's own address when refused).
+    dst: SocketAddr,
+    started: Instant,
+    opened: Result<(TcpStream, Tracked), Box<Refusal>>,
+    body: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
+impl Relay {
+    /// Answers the CONNECT (200 once connected, the refusal's status otherwise), copies until
+    /// both directions ended or policy revokes the connection, and records it.
+    #[allow(clippy::manual_async_fn)] // captures the relay once; an `async fn` would keep it twice
+    fn run(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            // The tunnel's client is the peer: bytes it sent are "sent".
+            let outcome = 'outcome: {
+                let (upstream, tracked) = match &mut self.opened {
+                    Ok(connected) => connected,
+                    Err(refusal) => {
+                        let response = Response::builder()
+                            .status(refusal.status())
+                            .body(())
+                            .expect("static response is valid");
+                        let _ = self.respond.send_response(response, true);
+                        break 'outcome Err(format!("{} ({})", refusal, refusal.status()));
+                    }
+                };
+                let response = Response::builder()
+                    .status(StatusCode::OK)
+                    .header(
+                        headers::BAGGAGE,
+                        headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
+                    )
+                    .body(())
+                    .expect("static response is valid");
+                // Bound outside any `match`, so the `Result` is not kept beside the stream
+                // for the connection's life.
+                let mut send = match self.respond.send_response(response, false) {
+                    Ok(send) => send,
+                    Err(e) => break 'outcome Err(format!("sending 200: {e}")),
+                };
+                tokio::select! {
+                    copied = copy::tunnel(upstream, &mut send, &mut self.body) => {
+                        copied.map(|t| (t.b_to_a, t.a_to_b)).map_err(|e| e.to_string())
+                    }
+                    why = tracked.revoked() => {
+                        // Dropping the tunnel's stream handles resets the stream; the
+                        // application sees a reset too.
+                        copy::reset(upstream);
+                        Err(format!("closed: now denied by authorization policy: {why}"))
+                    }
+                }
+            };
+            let ((sent, received), error) = match outcome {
+                Ok(moved) => (moved, None),
+                Err(e) => ((0, 0), Some(e)),
+            };
+            self.proxy.events.record(ConnectionRecord {
+                direction: Direction::InboundHbone,
+                src: self.src,
+                dst: self.dst,
+                local_identity: Some(self.workload.identity().clone()),
+                peer_identity: self.peer_id.as_deref().map(|p| p.identity().clone()),
+                sent,
+                received,
+                duration: self.started.elapsed(),
+                error,
+            });
+        }
     }
 }
 

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::OptionFuture;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use identity::Identity;
@@ -83,19 +85,18 @@ pub enum Upstream {
     Hbone {
         send: SendStream<Bytes>,
         recv: RecvStream,
-        peer: Option<Identity>,
-        /// Holds the stream's slot on the pooled connection.
-        _slot: Checkout,
+        /// Holds the stream's slot on the pooled connection (whose peer identity the record
+        /// names).
+        slot: Checkout,
     },
     Tcp(TcpStream),
 }
 
 /// Serves one captured connection from `source`.
 ///
-/// A plain function returning an `async move` block rather than an `async fn`: an `async fn`
-/// keeps each argument twice in its future (as captured, and as the body's local), and this
-/// future lives as long as the connection.
-#[allow(clippy::manual_async_fn)] // on purpose: see above
+/// Two phases, one task: opening (original destination, resolve, pool, TLS and HTTP/2
+/// handshakes) is boxed and gone once the upstream is open, then the [`Session`] copies. The
+/// task lives as long as the connection, so it holds only the session.
 pub fn handle(
     proxy: Arc<Proxy>,
     net: Net,
@@ -103,87 +104,116 @@ pub fn handle(
     client: TcpStream,
     peer: PeerAddr,
 ) -> impl Future<Output = ()> + Send {
-    async move {
+    let opening = Box::pin(async move {
         let dst = match super::orig_dst(&client) {
             Ok(dst) => dst,
             Err(e) => {
                 tracing::warn!(src = %peer.0, error = %e, "cannot read the original destination");
-                return;
+                return None;
             }
         };
         let started = Instant::now();
-        // Opening (resolve, pool, TLS and HTTP/2 handshakes) is boxed: its state lives only
-        // until the upstream is open, so the task that then lives as long as the connection
-        // stays small.
-        let result = Box::pin(open(&proxy, &net, &source, peer, dst)).await;
-        finish(&proxy, &source, &client, peer, dst, started, result).await;
-    }
+        let opened = open(&proxy, &net, &source, peer, dst).await;
+        Some(Session::new(
+            proxy, source, client, peer, dst, started, opened,
+        ))
+    });
+    opening
+        .then(|session| OptionFuture::from(session.map(Session::run)))
+        .map(drop)
 }
 
-/// Copies a connection whose upstream was opened (or failed) and records the outcome.
-///
-/// The returned future lives as long as the connection, so it holds only what the copy and
-/// the record need: the upstream's parts (borrowed by the copy, not moved again), the
-/// record's addresses and start time; the record itself is built once the copy ended.
-pub fn finish<'a>(
-    proxy: &'a Proxy,
-    source: &'a Workload,
-    client: &'a TcpStream,
+/// A captured connection whose upstream was opened (or failed): what its copy and its record
+/// need, owned in one place. The record itself is built once the copy ended.
+pub struct Session {
+    proxy: Arc<Proxy>,
+    source: Arc<Workload>,
+    client: TcpStream,
     peer: PeerAddr,
     dst: OrigDstAddr,
     started: Instant,
-    opened: Result<Upstream, Error>,
-) -> impl Future<Output = ()> + 'a {
-    let mut link = match opened {
-        Ok(upstream) => Ok(upstream),
-        Err(e) => {
-            // The client must see a failure, not an orderly close.
-            copy::reset(client);
+    link: Result<Upstream, (Direction, String)>,
+}
+
+impl Session {
+    /// Takes over a connection after [`open`]; a failed open resets the client at once (it
+    /// must see a failure, not an orderly close).
+    pub fn new(
+        proxy: Arc<Proxy>,
+        source: Arc<Workload>,
+        client: TcpStream,
+        peer: PeerAddr,
+        dst: OrigDstAddr,
+        started: Instant,
+        opened: Result<Upstream, Error>,
+    ) -> Session {
+        let link = opened.map_err(|e| {
+            copy::reset(&client);
             let direction = if e.tunnelled() {
                 Direction::OutboundHbone
             } else {
                 Direction::OutboundPassthrough
             };
-            Err((direction, e.to_string()))
-        }
-    };
-    async move {
-        let (direction, copied) = match &mut link {
-            Ok(Upstream::Hbone { send, recv, .. }) => (
-                Direction::OutboundHbone,
-                copy::tunnel(client, send, recv)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
-            Ok(Upstream::Tcp(server)) => (
-                Direction::OutboundPassthrough,
-                copy::tcp(client, server).await.map_err(|e| e.to_string()),
-            ),
-            Err((direction, e)) => (*direction, Err(std::mem::take(e))),
-        };
-        // The stream's slot on the pooled connection is given back before the record.
-        let peer_identity = match link {
-            Ok(Upstream::Hbone { peer, _slot, .. }) => {
-                drop(_slot);
-                peer
-            }
-            _ => None,
-        };
-        let (sent, received, error) = match copied {
-            Ok(t) => (t.a_to_b, t.b_to_a, None),
-            Err(e) => (0, 0, Some(e)),
-        };
-        proxy.events.record(ConnectionRecord {
-            direction,
-            src: peer.0,
-            dst: dst.0,
-            local_identity: Some(source.identity().clone()),
-            peer_identity,
-            sent,
-            received,
-            duration: started.elapsed(),
-            error,
+            (direction, e.to_string())
         });
+        Session {
+            proxy,
+            source,
+            client,
+            peer,
+            dst,
+            started,
+            link,
+        }
+    }
+
+    /// Copies until both directions ended, then records the connection.
+    ///
+    /// A plain function returning an `async move` block: the block captures the session once
+    /// and its copy borrows the session's parts in place.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn run(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let (direction, copied) = match &mut self.link {
+                Ok(Upstream::Hbone { send, recv, .. }) => (
+                    Direction::OutboundHbone,
+                    copy::tunnel(&self.client, send, recv)
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
+                Ok(Upstream::Tcp(server)) => (
+                    Direction::OutboundPassthrough,
+                    copy::tcp(&self.client, server)
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
+                Err((direction, e)) => (*direction, Err(std::mem::take(e))),
+            };
+            let peer_identity = match &self.link {
+                Ok(Upstream::Hbone { slot, .. }) => slot.conn().peer.clone(),
+                _ => None,
+            };
+            // The stream's slot on the pooled connection is given back before the record.
+            drop(std::mem::replace(
+                &mut self.link,
+                Err((direction, String::new())),
+            ));
+            let (sent, received, error) = match copied {
+                Ok(t) => (t.a_to_b, t.b_to_a, None),
+                Err(e) => (0, 0, Some(e)),
+            };
+            self.proxy.events.record(ConnectionRecord {
+                direction,
+                src: self.peer.0,
+                dst: self.dst.0,
+                local_identity: Some(self.source.identity().clone()),
+                peer_identity,
+                sent,
+                received,
+                duration: self.started.elapsed(),
+                error,
+            });
+        }
     }
 }
 
@@ -331,12 +361,10 @@ async fn hbone(
                 status: response.status(),
             });
         }
-        let peer = slot.conn().peer.clone();
         return Ok(Upstream::Hbone {
             send,
             recv: response.into_body(),
-            peer,
-            _slot: slot,
+            slot,
         });
     }
     unreachable!("the loop returns on its second attempt")

@@ -49,7 +49,7 @@ pub async fn handle(
             dst,
             peer: None,
         };
-        match authorization::admit(&proxy.live_inbound, &proxy.state, &workload.uid, conn) {
+        match authorization::admit(&proxy.live_inbound, &proxy.state, &workload, conn) {
             Err(denied) => Err(denied.to_string()),
             Ok(mut tracked) => match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
                 Ok((upstream, _)) => tokio::select! {

@@ -148,7 +148,9 @@ pub async fn handle(proxy: Arc<Proxy>, mut client: TcpStream, peer: PeerAddr) {
     if send_reply(&mut client, reply).await.is_err() {
         return;
     }
-    outbound::finish(&proxy, &source, &client, peer, dst, started, opened).await;
+    outbound::Session::new(proxy, source, client, peer, dst, started, opened)
+        .run()
+        .await;
 }
 
 /// The client half, for the demo and tests: connects from `bind` (a workload's address) to the

@@ -15,16 +15,17 @@ use ipnet::IpNet;
 
 use super::{Action, Match, Policy, ServiceAccountMatch, StringMatch};
 
-/// A verified peer identity, with the principal string policies compare computed once.
+/// A verified peer identity, with the principal string policies compare computed once and
+/// shared by clones (one per connection of the same peer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     identity: Identity,
-    principal: String,
+    principal: Arc<str>,
 }
 
 impl Peer {
     pub fn new(identity: Identity) -> Self {
-        let principal = identity.principal();
+        let principal = identity.principal().into();
         Self {
             identity,
             principal,
