@@ -132,40 +132,55 @@ impl Drop for Watch {
     }
 }
 
-impl Watch {
+impl Shared {
     async fn reached(&self, phase: Phase) {
-        let changed = self.shared.changed.notified();
+        let changed = self.changed.notified();
         tokio::pin!(changed);
         loop {
             // Registered before the phase is read, so a change in between still wakes it.
             changed.as_mut().enable();
-            if self.shared.phase() >= phase as u8 {
+            if self.phase() >= phase as u8 {
                 return;
             }
             changed.as_mut().await;
-            changed.set(self.shared.changed.notified());
+            changed.set(self.changed.notified());
         }
     }
+}
 
+impl Watch {
     /// Resolves when the agent starts draining: stop accepting new work.
     pub async fn draining(&self) {
-        self.reached(Phase::Draining).await
+        self.shared.reached(Phase::Draining).await
     }
 
     /// Resolves when the drain deadline passed: abandon open work.
     pub async fn closed(&self) {
-        self.reached(Phase::Closed).await
+        self.shared.reached(Phase::Closed).await
     }
 
-    /// [`Watch::closed`] owning the watch: the connection counts as open until this future is
-    /// dropped.
-    #[allow(clippy::manual_async_fn)] // captures the watch once; an `async fn` keeps it twice
-    pub fn into_closed(self) -> impl Future<Output = ()> + Send + 'static {
-        async move { self.closed().await }
+    /// Follows the drain without counting as open: for whoever abandons others' work at the
+    /// deadline but has none of its own.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn is_draining(&self) -> bool {
         self.shared.phase() >= Phase::Draining as u8
+    }
+}
+
+/// A drain's phases seen from outside: unlike a [`Watch`], it does not hold the drain open.
+pub struct Observer {
+    shared: Arc<Shared>,
+}
+
+impl Observer {
+    /// Resolves when the drain deadline passed (or the trigger was dropped).
+    pub async fn closed(&self) {
+        self.shared.reached(Phase::Closed).await
     }
 }
 
@@ -227,6 +242,17 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert_eq!(drain.await.unwrap(), Outcome::Forced);
+    }
+
+    /// An observer sees the deadline but does not keep the drain from ending cleanly.
+    #[tokio::test(start_paused = true)]
+    async fn an_observer_does_not_hold_the_drain_open() {
+        let (trigger, watch) = channel();
+        let observer = watch.observer();
+        drop(watch);
+        assert_eq!(trigger.drain(Duration::from_secs(5)).await, Outcome::Clean);
+        // The trigger is gone once drained: the observer is told to close what is left.
+        observer.closed().await;
     }
 
     /// A trigger that is dropped instead of drained closes its watches.

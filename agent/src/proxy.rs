@@ -177,6 +177,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
+    let running = Arc::new(Running::default());
     loop {
         let accepted = tokio::select! {
             () = drain.draining() => break,
@@ -185,10 +186,19 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(Guarded {
-                    conn: handler(stream, PeerAddr(peer)),
-                    closed: drain.clone().into_closed(),
-                });
+                let conn = handler(stream, PeerAddr(peer));
+                let mut tasks = running.lock();
+                tasks.next += 1;
+                let id = tasks.next;
+                let registration = Registration {
+                    running: running.clone(),
+                    id,
+                    _watch: drain.clone(),
+                };
+                // Under the lock, so a task that ends at once removes its entry only after
+                // it was put there.
+                let task = tokio::spawn(Guarded { conn, registration });
+                tasks.live.insert(id, task.abort_handle());
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -197,39 +207,160 @@ where
             }
         }
     }
+    // Neither the listener nor the handler (which may hold a watch of its own) outlives the
+    // accepting: the open connections hold the drain open, not this; at the deadline they
+    // are abandoned.
+    drop((listener, handler));
     tracing::debug!(listener = ?local, "listener closed for drain");
-}
-
-pin_project_lite::pin_project! {
-    /// One connection's task: its handler's future, abandoned when the drain deadline passes
-    /// (`closed`, which holds the connection's drain watch and so is dropped after `conn`).
-    ///
-    /// A plain struct rather than an `async` block with a `select!`: the task lives as long as
-    /// the connection, and this way it holds the two futures and nothing else (the block also
-    /// kept the accepted socket and address it had handed to the handler).
-    struct Guarded<F, C> {
-        #[pin]
-        conn: F,
-        #[pin]
-        closed: C,
+    let observer = drain.observer();
+    drop(drain);
+    observer.closed().await;
+    let left: Vec<_> = running.lock().live.drain().map(|(_, task)| task).collect();
+    for task in left {
+        task.abort();
     }
 }
 
-impl<F: Future<Output = ()>, C: Future<Output = ()>> Future for Guarded<F, C> {
+/// A listener's connection tasks that are still running, so the drain deadline can abandon
+/// them. Each task holds its [`Registration`]; nothing else of the drain lives in the task.
+#[derive(Default)]
+struct Running(std::sync::Mutex<Tasks>);
+
+#[derive(Default)]
+struct Tasks {
+    next: u64,
+    live: std::collections::HashMap<u64, tokio::task::AbortHandle>,
+}
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tasks> {
+        // Every critical section is one map operation: the map stays consistent on a panic.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A connection task's place in its listener's [`Running`] set and its drain watch (the
+/// connection counts as open while it is held).
+struct Registration {
+    running: Arc<Running>,
+    id: u64,
+    _watch: crate::drain::Watch,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.running.lock().live.remove(&self.id);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One connection's task: its handler's future and its registration, dropped in that
+    /// order (the connection is closed before it stops counting as open).
+    ///
+    /// A plain struct rather than an `async` block with a `select!` on the drain: the task
+    /// lives as long as the connection, and this way it holds the handler's future and three
+    /// words. (The block also kept the accepted socket and address it had handed to the
+    /// handler, and a waiter on the drain: ~300 B per connection.)
+    struct Guarded<F> {
+        #[pin]
+        conn: F,
+        registration: Registration,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Guarded<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        if this.conn.poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        this.closed.poll(cx)
+        self.project().conn.poll(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection that would run forever holds the drain open until the deadline, then its
+    /// task is abandoned (its future dropped, which closes its sockets); one that ended
+    /// before leaves nothing behind.
+    #[tokio::test]
+    async fn the_drain_deadline_abandons_open_connection_tasks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, watch) = crate::drain::channel();
+        let (dropped_tx, mut dropped_rx) = tokio::sync::mpsc::unbounded_channel();
+        struct OnDrop(tokio::sync::mpsc::UnboundedSender<u16>, u16);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.send(self.1);
+            }
+        }
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn(serve(listener, watch, move |stream, peer| {
+            let guard = OnDrop(dropped_tx.clone(), peer.0.port());
+            let started = started_tx.clone();
+            async move {
+                let _guard = guard;
+                let _ = started.send(());
+                // A client that says `q` is done at once; any other stays forever.
+                let mut buf = [0u8; 1];
+                let _ = stream.readable().await;
+                let _ = stream.try_read(&mut buf);
+                if buf[0] != b'q' {
+                    std::future::pending::<()>().await
+                }
+            }
+        }));
+        use tokio::io::AsyncWriteExt;
+        let mut quick = TcpStream::connect(addr).await.unwrap();
+        quick.write_all(b"q").await.unwrap();
+        let quick_port = quick.local_addr().unwrap().port();
+        assert_eq!(dropped_rx.recv().await, Some(quick_port));
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        stuck.write_all(b"s").await.unwrap();
+        let stuck_port = stuck.local_addr().unwrap().port();
+        // Both tasks have started (the drain must find the second one running).
+        for _ in 0..2 {
+            started_rx.recv().await.unwrap();
+        }
+        let outcome = trigger.drain(Duration::from_millis(200)).await;
+        assert_eq!(outcome, crate::drain::Outcome::Forced);
+        let abandoned = tokio::time::timeout(Duration::from_secs(5), dropped_rx.recv()).await;
+        assert_eq!(
+            abandoned.expect("the stuck task is abandoned"),
+            Some(stuck_port)
+        );
+        server.await.unwrap();
+    }
+
+    /// A handler that holds a watch of its own (the HBONE listener's, for GOAWAY) does not
+    /// keep the drain open once accepting stopped.
+    #[tokio::test]
+    async fn the_drain_is_clean_when_connections_ended_although_the_handler_holds_a_watch() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, watch) = crate::drain::channel();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let held = watch.clone();
+        let server = tokio::spawn(serve(listener, watch, move |_stream, _peer| {
+            let (_held, done) = (held.clone(), done_tx.clone());
+            async move {
+                let _ = done.send(());
+            }
+        }));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        done_rx.recv().await.unwrap();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            trigger.drain(Duration::from_secs(30)),
+        )
+        .await
+        .expect("the drain ends before its deadline");
+        assert_eq!(outcome, crate::drain::Outcome::Clean);
+        server.await.unwrap();
+    }
 
     /// The source port is left to `connect`, so it is not reserved at bind time; the
     /// connection still gets one and works.

@@ -1,6 +1,8 @@
 //! Inputs of the policy benchmark: a mesh state with many authorization policies, most of
 //! which do not apply to the destination.
 
+use std::sync::Arc;
+
 use identity::Identity;
 use xds::policy::{
     Action, Clause, Connection, Match, Peer, Policy, Rule, Scope, ServiceAccountMatch, StringMatch,
@@ -63,7 +65,7 @@ pub fn connection() -> Connection {
     Connection {
         src: "198.18.0.2:40000".parse().expect("valid address"),
         dst: "198.18.1.3:8080".parse().expect("valid address"),
-        peer: Some(Peer::new(client)),
+        peer: Some(Arc::new(Peer::new(client))),
     }
 }
 

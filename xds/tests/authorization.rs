@@ -243,9 +243,9 @@ fn decide(store: &Store, port: u16) -> xds::policy::Decision {
     let conn = Connection {
         src: "198.19.0.2:40000".parse().unwrap(),
         dst: SocketAddr::from(([198, 19, 1, 3], port)),
-        peer: Some(Peer::new(
+        peer: Some(std::sync::Arc::new(Peer::new(
             "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap(),
-        )),
+        ))),
     };
     store.read(|s| s.authorize("demo/echo", &conn))
 }

@@ -18,7 +18,7 @@ fn conn(src: &str, dst: &str, id: Option<&str>) -> Connection {
     Connection {
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
-        peer: id.map(|i| Peer::new(i.parse().unwrap())),
+        peer: id.map(|i| std::sync::Arc::new(Peer::new(i.parse().unwrap()))),
     }
 }
 

@@ -9,10 +9,12 @@
 //! registration cannot be missed.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use xds::Workload;
 use xds::policy::{Connection, Decision, Reason};
 
@@ -24,21 +26,24 @@ pub struct Registry {
 }
 
 /// Kept small: there is one per open inbound connection (a `watch` channel here cost ~350 B
-/// per connection; a once-cell and a `Notify` ~50 B). The workload and the peer's principal
+/// per connection; a once-cell and a waker slot ~50 B). The workload and the peer's principal
 /// are shared, not copied.
 struct Entry {
+    /// Where the entry is listed (here rather than in [`Tracked`], which lives in the
+    /// connection's task: the allocation has the room).
+    registry: Weak<Registry>,
     workload: Arc<Workload>,
     conn: Connection,
     /// Set once, with the reason, when a re-check denies the connection.
     revoked: OnceLock<Arc<str>>,
-    /// Woken when `revoked` is set.
-    wake: Notify,
+    /// The connection's task, woken when `revoked` is set. One task polls each connection, so
+    /// one waker slot is enough, and waiting needs no future of its own in that task.
+    wake: AtomicWaker,
 }
 
 /// One connection's place in the [`Registry`]; dropping it forgets the connection.
 pub struct Tracked {
     id: u64,
-    registry: Arc<Registry>,
     entry: Arc<Entry>,
 }
 
@@ -47,17 +52,14 @@ impl Registry {
     pub fn track(self: &Arc<Self>, workload: &Arc<Workload>, conn: Connection) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
+            registry: Arc::downgrade(self),
             workload: workload.clone(),
             conn,
             revoked: OnceLock::new(),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         });
         self.lock().insert(id, entry.clone());
-        Tracked {
-            id,
-            registry: self.clone(),
-            entry,
-        }
+        Tracked { id, entry }
     }
 
     /// Live connections.
@@ -91,7 +93,7 @@ impl Registry {
                     "open connection now denied by policy; closing it"
                 );
                 if entry.revoked.set(why).is_ok() {
-                    entry.wake.notify_waiters();
+                    entry.wake.wake();
                     revoked += 1;
                 }
             }
@@ -106,18 +108,31 @@ impl Registry {
 }
 
 impl Tracked {
+    /// Ready, with the reason, once a policy change denied this connection.
+    pub fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Poll<Arc<str>> {
+        // Registered before looking, so a revocation between the look and the return still
+        // wakes this task.
+        self.entry.wake.register(cx.waker());
+        match self.entry.revoked.get() {
+            Some(why) => Poll::Ready(why.clone()),
+            None => Poll::Pending,
+        }
+    }
+
     /// Resolves, with the reason, once a policy change denies this connection.
     pub async fn revoked(&mut self) -> Arc<str> {
-        loop {
-            // Registered before looking, so a revocation between the look and the wait
-            // still wakes this.
-            let notified = self.entry.wake.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(why) = self.entry.revoked.get() {
-                return why.clone();
-            }
-            notified.await;
+        std::future::poll_fn(|cx| self.poll_revoked(cx)).await
+    }
+
+    /// Runs `copy` while the connection stays allowed: its output, or the reason once a
+    /// policy change denied the connection (`copy` is then dropped).
+    ///
+    /// A plain future rather than a `select!` with [`Tracked::revoked`]: it lives as long as
+    /// the connection and holds only `copy` and this guard's address.
+    pub fn unless_revoked<F: Future + Unpin>(&mut self, copy: F) -> UnlessRevoked<'_, F> {
+        UnlessRevoked {
+            tracked: self,
+            copy,
         }
     }
 
@@ -127,9 +142,29 @@ impl Tracked {
     }
 }
 
+/// See [`Tracked::unless_revoked`].
+pub struct UnlessRevoked<'a, F> {
+    tracked: &'a mut Tracked,
+    copy: F,
+}
+
+impl<F: Future + Unpin> Future for UnlessRevoked<'_, F> {
+    type Output = Result<F::Output, Arc<str>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(why) = this.tracked.poll_revoked(cx) {
+            return Poll::Ready(Err(why));
+        }
+        Pin::new(&mut this.copy).poll(cx).map(Ok)
+    }
+}
+
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        if let Some(registry) = self.entry.registry.upgrade() {
+            registry.lock().remove(&self.id);
+        }
     }
 }
 
@@ -223,9 +258,9 @@ mod tests {
         Connection {
             src: "198.18.0.2:40000".parse().unwrap(),
             dst: "198.18.1.3:8080".parse().unwrap(),
-            peer: Some(Peer::new(
+            peer: Some(Arc::new(Peer::new(
                 Identity::new("cluster.local", "demo", sa).unwrap(),
-            )),
+            ))),
         }
     }
 

@@ -170,7 +170,7 @@ struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// What the pipe holds when full.
-    capacity: usize,
+    capacity: u32,
 }
 
 /// A direction whose reads have filled a buffer this size is moving bulk data.
@@ -188,7 +188,7 @@ impl Pipe {
         Ok(Pipe {
             read,
             write,
-            capacity: capacity as usize,
+            capacity: capacity as u32,
         })
     }
 
@@ -196,7 +196,14 @@ impl Pipe {
     /// that the socket has nothing to read (on a full one it would mean the pipe is full).
     fn fill_from(&self, from: &TcpStream) -> io::Result<usize> {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-        Ok(splice(from, None, &self.write, None, self.capacity, flags)?)
+        Ok(splice(
+            from,
+            None,
+            &self.write,
+            None,
+            self.capacity as usize,
+            flags,
+        )?)
     }
 
     /// Moves up to `len` bytes from the pipe into `to`; EAGAIN means `to` is full.

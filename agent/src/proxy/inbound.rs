@@ -243,7 +243,7 @@ impl Stream {
         let conn = xds::policy::Connection {
             src: self.peer.0,
             dst: authority,
-            peer: self.peer_id.as_deref().cloned(),
+            peer: self.peer_id.clone(),
         };
         let tracked = authorization::admit(
             &self.proxy.live_inbound,
@@ -309,11 +309,14 @@ impl Relay {
                     Ok(send) => send,
                     Err(e) => break 'outcome Err(format!("sending 200: {e}")),
                 };
-                tokio::select! {
-                    copied = copy::tunnel(upstream, &mut send, &mut self.body) => {
-                        copied.map(|t| (t.b_to_a, t.a_to_b)).map_err(|e| e.to_string())
-                    }
-                    why = tracked.revoked() => {
+                match tracked
+                    .unless_revoked(copy::tunnel(upstream, &mut send, &mut self.body))
+                    .await
+                {
+                    Ok(copied) => copied
+                        .map(|t| (t.b_to_a, t.a_to_b))
+                        .map_err(|e| e.to_string()),
+                    Err(why) => {
                         // Dropping the tunnel's stream handles resets the stream; the
                         // application sees a reset too.
                         copy::reset(upstream);

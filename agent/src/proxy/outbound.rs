@@ -174,20 +174,20 @@ impl Session {
     #[allow(clippy::manual_async_fn)] // on purpose: see above
     pub fn run(mut self) -> impl Future<Output = ()> + Send {
         async move {
-            let (direction, copied) = match &mut self.link {
-                Ok(Upstream::Hbone { send, recv, .. }) => (
-                    Direction::OutboundHbone,
-                    copy::tunnel(&self.client, send, recv)
-                        .await
-                        .map_err(|e| e.to_string()),
-                ),
-                Ok(Upstream::Tcp(server)) => (
-                    Direction::OutboundPassthrough,
-                    copy::tcp(&self.client, server)
-                        .await
-                        .map_err(|e| e.to_string()),
-                ),
-                Err((direction, e)) => (*direction, Err(std::mem::take(e))),
+            // The direction is read off the link afterwards, not kept across the copy.
+            let copied = match &mut self.link {
+                Ok(Upstream::Hbone { send, recv, .. }) => copy::tunnel(&self.client, send, recv)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Upstream::Tcp(server)) => copy::tcp(&self.client, server)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err((_, e)) => Err(std::mem::take(e)),
+            };
+            let direction = match &self.link {
+                Ok(Upstream::Hbone { .. }) => Direction::OutboundHbone,
+                Ok(Upstream::Tcp(_)) => Direction::OutboundPassthrough,
+                Err((direction, _)) => *direction,
             };
             let peer_identity = match &self.link {
                 Ok(Upstream::Hbone { slot, .. }) => slot.conn().peer.clone(),

@@ -52,15 +52,17 @@ pub async fn handle(
         match authorization::admit(&proxy.live_inbound, &proxy.state, &workload, conn) {
             Err(denied) => Err(denied.to_string()),
             Ok(mut tracked) => match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
-                Ok((upstream, _)) => tokio::select! {
-                    copied = copy::tcp(&client, &upstream) => copied
-                        .map(|t| (rec.sent, rec.received) = (t.a_to_b, t.b_to_a))
-                        .map_err(|e| e.to_string()),
-                    why = tracked.revoked() => {
-                        copy::reset(&upstream);
-                        Err(format!("closed: now denied by authorization policy: {why}"))
+                Ok((upstream, _)) => {
+                    match tracked.unless_revoked(copy::tcp(&client, &upstream)).await {
+                        Ok(copied) => copied
+                            .map(|t| (rec.sent, rec.received) = (t.a_to_b, t.b_to_a))
+                            .map_err(|e| e.to_string()),
+                        Err(why) => {
+                            copy::reset(&upstream);
+                            Err(format!("closed: now denied by authorization policy: {why}"))
+                        }
                     }
-                },
+                }
                 Err(e) => Err(format!("connect to {dst}: {e}")),
             },
         }

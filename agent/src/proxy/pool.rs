@@ -2,7 +2,8 @@
 //!
 //! A connection is keyed by (source identity, expected destination identities, destination
 //! address), so a TLS session is never shared between source identities. Each connection
-//! carries at most `max_streams` streams; when all are full another is opened. Connections
+//! carries at most `max_streams` streams (fewer when the peer allows fewer); when all are full
+//! another is opened. Connections
 //! with no stream for `idle_timeout` are closed; each is kept alive (and checked) with PINGs.
 //! Opening happens under a per-key lock, so a burst of new streams to one peer waits for one
 //! handshake instead of opening one connection each.
@@ -154,8 +155,14 @@ impl Pool {
             .clone();
         let mut conns = slot.lock().await;
         conns.retain(|c| !c.is_closed());
-        let max = self.inner.cfg.max_streams;
         for conn in conns.iter() {
+            // Never past what the peer allows (SETTINGS_MAX_CONCURRENT_STREAMS): a stream over
+            // its limit would wait in h2 for another to end instead of opening.
+            let max = self
+                .inner
+                .cfg
+                .max_streams
+                .min(conn.send.current_max_send_streams());
             let used = conn.streams.load(Ordering::Acquire);
             if used < max
                 && conn
@@ -289,4 +296,56 @@ where
         idle_since: Mutex::new(Instant::now()),
         closed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that allows two concurrent streams gets a second connection for the third
+    /// stream, although the pool's own limit is higher.
+    #[tokio::test]
+    async fn a_connection_carries_no_more_streams_than_the_peer_allows() {
+        let pool = Pool::new(PoolConfig::default());
+        let id = Identity::new("cluster.local", "demo", "client").unwrap();
+        let key = Key::new(id, None, Vec::new(), "198.18.1.3:15008".parse().unwrap());
+        let mut servers = tokio::task::JoinSet::new();
+        let mut slots = Vec::new();
+        let mut open_streams = Vec::new();
+        for _ in 0..3 {
+            let slot = pool
+                .checkout(key.clone(), || async {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    servers.spawn(async move {
+                        let mut conn = h2::server::Builder::new()
+                            .max_concurrent_streams(2)
+                            .handshake::<_, Bytes>(server)
+                            .await
+                            .unwrap();
+                        let mut held = Vec::new();
+                        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                            let ok = http::Response::new(());
+                            held.push(respond.send_response(ok, false).unwrap());
+                        }
+                    });
+                    handshake(client, &H2Config::default(), None).await
+                })
+                .await
+                .unwrap();
+            // A stream that is answered: the peer's SETTINGS have been read by then.
+            let mut sender = slot.sender().ready().await.unwrap();
+            let request = http::Request::connect("198.18.1.3:8080").body(()).unwrap();
+            let (response, stream) = sender.send_request(request, false).unwrap();
+            let response = tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .expect("the stream opens at once")
+                .unwrap();
+            assert_eq!(response.status(), http::StatusCode::OK);
+            open_streams.push((response, stream));
+            slots.push(slot);
+        }
+        assert_eq!(pool.opened(), 2);
+        assert!(slots[1].reused && !slots[2].reused);
+        servers.abort_all();
+    }
 }

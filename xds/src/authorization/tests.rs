@@ -421,9 +421,9 @@ fn conn(port: u16) -> Connection {
     Connection {
         src: "198.18.0.2:40000".parse::<SocketAddr>().unwrap(),
         dst: SocketAddr::from(([198, 18, 1, 3], port)),
-        peer: Some(Peer::new(
+        peer: Some(std::sync::Arc::new(Peer::new(
             "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap(),
-        )),
+        ))),
     }
 }
 

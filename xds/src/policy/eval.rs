@@ -43,8 +43,9 @@ pub struct Connection {
     pub src: SocketAddr,
     /// The destination workload's address and port (after service resolution).
     pub dst: SocketAddr,
-    /// `None` for a client without a verified identity (inbound plaintext).
-    pub peer: Option<Peer>,
+    /// `None` for a client without a verified identity (inbound plaintext). Shared: one per
+    /// peer connection, not per tunnelled stream.
+    pub peer: Option<Arc<Peer>>,
 }
 
 /// The outcome, with why, and what dry-run policies would have done.

@@ -25,7 +25,7 @@ fn conn(src: &str, dst: &str, id: Option<&str>) -> Connection {
     Connection {
         src: addr(src),
         dst: addr(dst),
-        peer: id.map(|i| Peer::new(i.parse().unwrap())),
+        peer: id.map(|i| Arc::new(Peer::new(i.parse().unwrap()))),
     }
 }
 
