@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::net::SocketAddr;
 
+use http::HeaderValue;
 use xds::Workload;
 
 pub const BAGGAGE: &str = "baggage";
@@ -44,6 +45,20 @@ pub fn traceparent() -> String {
     format!("00-{trace:032x}-{parent:016x}-00")
 }
 
+/// A header value that differs on every tunnelled connection (`forwarded` has the client's
+/// port, `traceparent` is random), marked never-indexed for HPACK.
+///
+/// Indexed, each such value is inserted into both ends' dynamic tables of the pooled
+/// connection only to be evicted by the next one: copies and table churn on every new
+/// connection, and ~4 KiB of header copies kept per pooled connection on each side, for
+/// nothing. `baggage` stays indexed: it is the same for every connection from a workload.
+pub fn unindexed(value: String) -> HeaderValue {
+    let mut value =
+        HeaderValue::try_from(value).expect("forwarded and traceparent values are visible ASCII");
+    value.set_sensitive(true);
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +73,13 @@ mod tests {
             forwarded("[2001:2::1]:4000".parse().unwrap(), Some("echo.demo.svc")),
             "for=\"[2001:2::1]:4000\";host=echo.demo.svc"
         );
+    }
+
+    #[test]
+    fn per_connection_values_are_not_indexed() {
+        let v = unindexed(forwarded("198.18.0.1:4000".parse().unwrap(), None));
+        assert!(v.is_sensitive());
+        assert_eq!(v, "for=\"198.18.0.1:4000\"");
     }
 
     #[test]

@@ -313,9 +313,15 @@ async fn hbone(
             )
             .header(
                 headers::FORWARDED,
-                headers::forwarded(client.0, service.map(|s| s.hostname.as_str())),
+                headers::unindexed(headers::forwarded(
+                    client.0,
+                    service.map(|s| s.hostname.as_str()),
+                )),
             )
-            .header(headers::TRACEPARENT, headers::traceparent())
+            .header(
+                headers::TRACEPARENT,
+                headers::unindexed(headers::traceparent()),
+            )
             .body(())
             .expect("CONNECT request with an IP authority is valid")
     };
