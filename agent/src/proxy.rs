@@ -187,18 +187,25 @@ where
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let conn = handler(stream, PeerAddr(peer));
-                let mut tasks = running.lock();
-                tasks.next += 1;
-                let id = tasks.next;
+                // The entry exists before the task, so a task that ends at once finds it to
+                // remove; its handle is filled in after the spawn (not under the lock: a
+                // runtime that is shutting down drops the task inside `spawn`).
+                let id = {
+                    let mut tasks = running.lock();
+                    tasks.next += 1;
+                    let id = tasks.next;
+                    tasks.live.insert(id, None);
+                    id
+                };
                 let registration = Registration {
                     running: running.clone(),
                     id,
                     _watch: drain.clone(),
                 };
-                // Under the lock, so a task that ends at once removes its entry only after
-                // it was put there.
                 let task = tokio::spawn(Guarded { conn, registration });
-                tasks.live.insert(id, task.abort_handle());
+                if let Some(slot) = running.lock().live.get_mut(&id) {
+                    *slot = Some(task.abort_handle());
+                }
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.
@@ -215,7 +222,12 @@ where
     let observer = drain.observer();
     drop(drain);
     observer.closed().await;
-    let left: Vec<_> = running.lock().live.drain().map(|(_, task)| task).collect();
+    let left: Vec<_> = running
+        .lock()
+        .live
+        .drain()
+        .filter_map(|(_, task)| task)
+        .collect();
     for task in left {
         task.abort();
     }
@@ -229,7 +241,8 @@ struct Running(std::sync::Mutex<Tasks>);
 #[derive(Default)]
 struct Tasks {
     next: u64,
-    live: std::collections::HashMap<u64, tokio::task::AbortHandle>,
+    /// `None` only between a task's registration and its spawn.
+    live: std::collections::HashMap<u64, Option<tokio::task::AbortHandle>>,
 }
 
 impl Running {
