@@ -31,10 +31,10 @@ pub enum Outcome {
 
 /// What a drain's [`Trigger`] and its [`Watch`]es share.
 ///
-/// Every connection task holds a `Watch` and waits on it for the whole connection, so both are
-/// kept small: a `Watch` is one pointer and waiting is one `Notify` waiter. (A `watch` channel
-/// receiver plus its `wait_for` future, and an mpsc sender to count the open ones, cost ~200 B
-/// more in every connection's task.)
+/// Every connection task holds a `Watch` for the whole connection, so it is one pointer, and
+/// waiting (done by listeners, not by connections: see `proxy::serve`) is one `Notify` waiter.
+/// (A `watch` channel receiver and an mpsc sender to count the open ones cost more in every
+/// connection's task.)
 struct Shared {
     phase: AtomicU8,
     /// Live `Watch`es.
