@@ -395,6 +395,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let agent = start(cfg).await?;
+    let readiness = agent.readiness().clone();
+    tokio::spawn(async move {
+        readiness.wait_ready().await;
+        // Start-up code and data are done with: out of RSS (see `residency`).
+        match crate::residency::release_startup_pages() {
+            Ok(r) => tracing::info!(
+                released_kib = r.bytes / 1024,
+                mappings = r.mappings,
+                "agent ready"
+            ),
+            Err(e) => tracing::info!(error = %e, "agent ready; start-up pages not released"),
+        }
+    });
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); break }

@@ -20,6 +20,7 @@ pub mod mesh;
 pub mod netns;
 pub mod proxy;
 pub mod readiness;
+pub mod residency;
 pub mod tls;
 
 /// An error and its causes on one line, `outer: cause: root cause`, as `{:#}` prints them,

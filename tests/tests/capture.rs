@@ -47,6 +47,18 @@ struct Family {
 
 async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&[&["a1", "a2"], &["b1"]], backend, inbound).await?;
+    // Ready agents drop their start-up pages (`residency`); all the traffic below runs after.
+    for n in [1, 2] {
+        cluster
+            .agent_mut(n)
+            .wait_for("ready", |a| !a.messages("agent ready").is_empty())
+            .await?;
+        let ready = &cluster.agent(n).messages("agent ready")[0];
+        ensure!(
+            ready["released_kib"].as_u64() > Some(0),
+            "node {n}'s agent released no start-up pages: {ready}"
+        );
+    }
     let topo = &cluster.topology;
     let (a1, a2, b1) = (
         topo.node(1).pod("a1"),

@@ -122,7 +122,7 @@ impl Bed {
         }
         for i in 0..bed.lanes.len() {
             for agent in &mut bed.lanes[i].agents {
-                wait_enrolled(agent, interrupt)?;
+                wait_ready(agent, interrupt)?;
             }
             bed.check_path(&bed.lanes[i], interrupt)?;
         }
@@ -173,7 +173,7 @@ impl Bed {
         let agents = self.spawn_agents(&self.lanes[i])?;
         self.lanes[i].agents = agents;
         for agent in &mut self.lanes[i].agents {
-            wait_enrolled(agent, interrupt)?;
+            wait_ready(agent, interrupt)?;
         }
         self.check_path(&self.lanes[i], interrupt)
     }
@@ -276,10 +276,11 @@ impl Lane {
     }
 }
 
-fn wait_enrolled(agent: &mut AgentProcess, interrupt: &Interrupt) -> anyhow::Result<()> {
+fn wait_ready(agent: &mut AgentProcess, interrupt: &Interrupt) -> anyhow::Result<()> {
     let deadline = Instant::now() + AGENT_START;
     loop {
-        if !agent.messages("pod enrolled").is_empty() {
+        // Ready also means its start-up pages are released: memory is measured after that.
+        if !agent.messages("pod enrolled").is_empty() && !agent.messages("agent ready").is_empty() {
             return Ok(());
         }
         if let Some(status) = agent.exited()? {
@@ -291,7 +292,7 @@ fn wait_enrolled(agent: &mut AgentProcess, interrupt: &Interrupt) -> anyhow::Res
         }
         ensure!(
             Instant::now() < deadline,
-            "the agent of {} did not enroll its pod within {AGENT_START:?}:\n{}",
+            "the agent of {} did not enroll its pod and report ready within {AGENT_START:?}:\n{}",
             agent.node,
             agent.log_text()
         );
