@@ -184,6 +184,8 @@ pub struct Settings {
     pub conn_cap: usize,
     /// Extra `ambientd run` flags for every agent.
     pub agent_args: Vec<String>,
+    /// The agents' binary; this one when unset.
+    pub agent_bin: Option<PathBuf>,
     #[serde(skip)]
     pub json: Option<PathBuf>,
     #[serde(skip)]
@@ -267,6 +269,9 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
         .context("raising the open-files limit (RLIMIT_NOFILE)")?;
     eprintln!("open-files limit: {limit}");
     let started = Instant::now();
+    if let Some(bin) = &settings.agent_bin {
+        eprintln!("agents run from {}", bin.display());
+    }
     eprintln!(
         "building two simulated nodes with a client and a server pod per mode ({}) and \
          starting the agents",
@@ -277,7 +282,12 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut bed = Bed::build(&settings.modes, &settings.agent_args, interrupt)?;
+    let mut bed = Bed::build(
+        &settings.modes,
+        &settings.agent_args,
+        settings.agent_bin.as_deref(),
+        interrupt,
+    )?;
     eprintln!(
         "agents' mesh files and logs in {} (removed at the end)",
         bed.dir().display()
@@ -608,6 +618,7 @@ mod tests {
             round_trip_cap: 10,
             conn_cap: 10,
             agent_args: Vec::new(),
+            agent_bin: None,
             json: None,
             svg: None,
         }

@@ -86,6 +86,11 @@ pub struct BenchArgs {
     /// `--agent-arg=--inbound-mode --agent-arg=tproxy`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Run the agents from this binary instead of this one: another build to compare with
+    /// the same load, or a wrapper script that execs one under a profiler (it must exec, so
+    /// the agent is the process the bench starts, measures and stops).
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
     /// Internal: be the bench's idle-connection holder on this address (a child process in
     /// the server pod).
     #[arg(long, hide = true)]
@@ -150,6 +155,7 @@ impl BenchArgs {
             round_trip_cap: 1_000_000,
             conn_cap: 200_000,
             agent_args: self.agent_args,
+            agent_bin: self.agent_bin,
             json: self.json,
             svg: self.svg,
         })

@@ -15,7 +15,7 @@
 //! Dropping the bed kills the agents, stops the servers, deletes the namespaces and files.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -49,6 +49,7 @@ pub struct Bed {
     topology: Topology,
     dir: tempfile::TempDir,
     agent_args: Vec<String>,
+    agent_bin: PathBuf,
 }
 
 fn pod_name(mode: Mode, side: &str) -> String {
@@ -57,13 +58,18 @@ fn pod_name(mode: Mode, side: &str) -> String {
 
 impl Bed {
     /// Builds the nodes and pods for `modes`, starts their servers and agents (with
-    /// `agent_args` added to `ambientd run`), and checks one connection of each mode takes
-    /// the path its mode says.
+    /// `agent_args` added to `ambientd run`, from `agent_bin` or else this binary), and checks
+    /// one connection of each mode takes the path its mode says.
     pub fn build(
         modes: &[Mode],
         agent_args: &[String],
+        agent_bin: Option<&Path>,
         interrupt: &Interrupt,
     ) -> anyhow::Result<Bed> {
+        let agent_bin = match agent_bin {
+            Some(bin) => bin.to_owned(),
+            None => std::env::current_exe().context("finding the ambientd binary")?,
+        };
         let clients: Vec<String> = modes.iter().map(|&m| pod_name(m, "c")).collect();
         let servers: Vec<String> = modes.iter().map(|&m| pod_name(m, "s")).collect();
         let clients: Vec<&str> = clients.iter().map(String::as_str).collect();
@@ -78,6 +84,7 @@ impl Bed {
             topology,
             dir,
             agent_args: agent_args.to_vec(),
+            agent_bin,
         };
         // Wide port ranges, so connection churn does not run out of ports, and disjoint ones
         // per node: the simulated nodes share one kernel, whose connect-time port choice
@@ -138,7 +145,6 @@ impl Bed {
         let Some(mesh) = &lane.mesh else {
             return Ok(Vec::new());
         };
-        let bin = std::env::current_exe().context("finding the ambientd binary")?;
         let mut agents = Vec::new();
         for node in &self.topology.nodes {
             let log = self.dir.path().join(format!(
@@ -148,7 +154,7 @@ impl Bed {
                 lane.started
             ));
             let spec = Spec {
-                bin: &bin,
+                bin: &self.agent_bin,
                 node: &node.name,
                 mesh,
                 ca_dir: &self.ca(),

@@ -284,6 +284,7 @@ fn json_holds_every_raw_sample_the_figures_and_the_machine() {
         round_trip_cap: 10,
         conn_cap: 10,
         agent_args: Vec::new(),
+        agent_bin: None,
         json: None,
         svg: None,
     };
