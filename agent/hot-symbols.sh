@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Regenerates agent/hot-symbols.txt: the functions a ready agent runs, which release builds link
-# first and together (see agent/build.rs). Run it after changes that rename or add hot code, or
-# after a toolchain or dependency update, then rebuild the release binary:
+# first and together (see agent/build.rs and ARCHITECTURE.md). Run it as root after changes that
+# add or rename hot code, or after a toolchain, dependency or crate-version change (symbol
+# names carry a hash of the crate's metadata), then rebuild the release binary:
 #
-#   cargo build --release --bin ambientd && bash agent/hot-symbols.sh target/release/ambientd
+#   cargo build --release --bin ambientd
+#   sudo bash agent/hot-symbols.sh target/release/ambientd && cargo build --release --bin ambientd
 #
-# Two agents of the example mesh run on loopback under callgrind (valgrind). Once both are
-# ready their counters are zeroed, a client sends traffic through the first one's SOCKS5
-# listener to an echo server behind the second (300 connections held open at once, then 8 MiB
-# on one), and every function either agent ran from then on is written to the list, by its
-# linker name. Needs valgrind and python3; not root. Cleans up after itself.
+# The agents run under callgrind (valgrind); what they run once ready is the list.
+# Two sources of traffic:
+#   - loopback: two agents of the example mesh, a client through the first one's SOCKS5
+#     listener to an echo server behind the second (300 connections held open, then 8 MiB);
+#   - as root: `ambientd bench --agent-bin` on the simulated nodes, mesh and tcp modes, every
+#     case once (captured connections, pooled HBONE under load, idle connections, churn).
+# Needs valgrind and python3. Cleans up after itself.
 set -euo pipefail
 bin="$(realpath "${1:?usage: hot-symbols.sh path/to/ambientd}")"
-out="$(dirname "$(realpath "$0")")/hot-symbols.txt"
+here="$(dirname "$(realpath "$0")")"
+out="$here/hot-symbols.txt"
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-mesh="$(dirname "$(realpath "$0")")/../examples/mesh.yaml"
 
 dir="$(mktemp -d /tmp/ambientd-hot-XXXXXX)"
 pids=()
@@ -25,10 +29,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin" ca init --dir "$dir/ca" >/dev/null
+# The agent under callgrind; it execs, so the agent is the process its starter signals. Its
+# dumps are cg.<pid>.<n>: one every 20M basic blocks, and one as it gets ready (on entering
+# `residency::release_startup_pages`, which is never inlined for this).
+cat >"$dir/agent" <<EOF
+#!/usr/bin/env bash
+exec valgrind --tool=callgrind --vgdb=no --dump-every-bb=20000000 \
+  --dump-before='*release_startup_pages*' --callgrind-out-file="$dir/cg.%p" "$bin" "\$@"
+EOF
+chmod +x "$dir/agent"
 
-# The echo server is the `echo` workload's application (127.0.0.3:8080 in the example mesh).
+echo "loopback: two agents and a SOCKS5 client" >&2
+"$bin" ca init --dir "$dir/ca" >/dev/null
 python3 - "$dir/echo-ready" <<'EOF' &
+# The `echo` workload's application (127.0.0.3:8080 in the example mesh).
 import socket, sys, threading
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,27 +58,25 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 EOF
 pids+=($!)
-
-agent() { # node, extra flags...
+loopback_agent() { # node, extra flags...
   local node="$1"
   shift
-  valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$node" "$bin" --log-format json \
-    run --mesh "$mesh" --node "$node" --state-dir "$dir/ca" --readiness-address off "$@" \
-    >"$dir/$node.log" 2>&1 &
+  "$dir/agent" --log-format json run --mesh "$here/../examples/mesh.yaml" --node "$node" \
+    --state-dir "$dir/ca" --readiness-address off "$@" >"$dir/loopback-$node.log" 2>&1 &
   pids+=($!)
+  echo "$!" >"$dir/loopback-$node.pid"
 }
-agent node-b
-agent node-a --socks5 127.0.0.1:15080
+loopback_agent node-b
+loopback_agent node-a --socks5 127.0.0.1:15080
 for node in node-a node-b; do
   for _ in $(seq 1 300); do
-    grep -q '"agent ready"' "$dir/$node.log" && break
+    grep -q '"agent ready"' "$dir/loopback-$node.log" && break
     sleep 1
   done
-  grep -q '"agent ready"' "$dir/$node.log" || { cat "$dir/$node.log" >&2; echo "$node not ready" >&2; exit 1; }
+  grep -q '"agent ready"' "$dir/loopback-$node.log" ||
+    { cat "$dir/loopback-$node.log" >&2; echo "$node not ready" >&2; exit 1; }
 done
 [ -e "$dir/echo-ready" ] || { echo "the echo server did not start" >&2; exit 1; }
-
-for p in "${pids[@]:1}"; do callgrind_control -z "$p" >/dev/null 2>&1; done
 python3 - <<'EOF'
 import socket, struct
 def open_one():
@@ -90,19 +102,45 @@ echo(c, 8 << 20)
 echo(c, 64)
 c.close()
 EOF
-sleep 2
-for p in "${pids[@]:1}"; do callgrind_control -d "$p" >/dev/null 2>&1; done
+sleep 3
+# SIGTERM: the agents drain and exit, and callgrind writes their last dump.
+for node in node-a node-b; do kill "$(cat "$dir/loopback-$node.pid")"; done
+for node in node-a node-b; do wait "$(cat "$dir/loopback-$node.pid")" || true; done
 
-# callgrind names functions demangled; the linker wants them mangled: map through nm.
-python3 - "$bin" "$out" "$dir"/cg.node-*.* <<'EOF'
-import re, subprocess, sys
-binary, out, dumps = sys.argv[1], sys.argv[2], sys.argv[3:]
-ran = set()
-for dump in dumps:
-    for line in open(dump, errors="replace"):
-        m = re.match(r"^c?fn=\(\d+\) (.*)$", line.rstrip("\n"))
-        if m:
-            ran.add(m.group(1))
+if [ "$(id -u)" -eq 0 ]; then
+  echo "simulated nodes: ambientd bench with the agents under callgrind" >&2
+  "$bin" bench --agent-bin "$dir/agent" --modes mesh,tcp --repeats 1 --duration 1s \
+    --idle-conns 1000,3000 >"$dir/bench.out" 2>&1 || { cat "$dir/bench.out" >&2; exit 1; }
+else
+  echo "not root: the simulated nodes' paths (capture, passthrough) are left out" >&2
+fi
+
+# Every dump after the one written as its agent got ready. callgrind names functions
+# demangled, the linker wants them mangled: map through nm.
+python3 - "$bin" "$out" "$dir" <<'EOF'
+import collections, glob, os, re, subprocess, sys
+binary, out, dir = sys.argv[1:]
+dumps = collections.defaultdict(dict)  # pid -> sequence number -> path
+for path in glob.glob(f"{dir}/cg.*"):
+    parts = os.path.basename(path).split(".")
+    if len(parts) == 3 and os.path.getsize(path) > 0:
+        dumps[parts[1]][int(parts[2])] = path
+ran, agents, used = set(), 0, 0
+for pid, seq in dumps.items():
+    ready = [n for n, path in seq.items() if "dump-before" in open(path, errors="replace").read(4096)]
+    if not ready:
+        continue  # killed before it got ready
+    agents += 1
+    for n in sorted(seq):
+        if n <= min(ready):
+            continue
+        used += 1
+        for line in open(seq[n], errors="replace"):
+            m = re.match(r"^c?fn=\(\d+\) (.*)$", line.rstrip("\n"))
+            if m:
+                ran.add(m.group(1))
+if not ran:
+    sys.exit("no agent's dumps after it got ready")
 def nm(*flags):
     text = subprocess.run(["nm", "--defined-only", *flags, binary], capture_output=True, text=True, check=True).stdout
     return [l.split(" ", 2) for l in text.splitlines()]
@@ -111,5 +149,5 @@ for (_, kind, mangled), (_, _, plain) in zip(nm(), nm("-C")):
     if kind in "tT" and re.sub(r"::h[0-9a-f]{16}$", "", plain) in ran:
         hot.append(mangled)
 open(out, "w").write("".join(s + "\n" for s in dict.fromkeys(hot)))
-print(f"{len(ran)} functions ran, {len(hot)} linker symbols written to {out}")
+print(f"{agents} agents, {used} dumps, {len(ran)} functions ran: {len(hot)} linker symbols in {out}")
 EOF
