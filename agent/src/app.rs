@@ -399,14 +399,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(async move {
         readiness.wait_ready().await;
         // Start-up code and data are done with: out of RSS (see `residency`).
-        match crate::residency::release_startup_pages() {
-            Ok(r) => tracing::info!(
-                released_kib = r.bytes / 1024,
-                mappings = r.mappings,
-                "agent ready"
-            ),
-            Err(e) => tracing::info!(error = %e, "agent ready; start-up pages not released"),
-        }
+        let released = crate::residency::release_startup_pages().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "start-up pages not released");
+            crate::residency::Released::default()
+        });
+        tracing::info!(
+            released_kib = released.bytes / 1024,
+            mappings = released.mappings,
+            "agent ready"
+        );
     });
     loop {
         tokio::select! {
