@@ -26,7 +26,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// First read size; reads that fill the buffer double it up to [`MAX_BUF`].
-const MIN_BUF: usize = 8 * 1024;
+pub(super) const MIN_BUF: usize = 8 * 1024;
 const MAX_BUF: usize = 256 * 1024;
 
 /// Bytes moved in each direction. `a_to_b` is the client's direction.
@@ -501,7 +501,7 @@ impl Future for Tcp<'_> {
     }
 }
 
-fn h2_io(e: h2::Error) -> io::Error {
+pub(super) fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()

@@ -5,7 +5,7 @@
 //! SOCKS5 (destination named by the client). Connecting is separate from copying so SOCKS5 can
 //! answer with the outcome before bytes flow.
 
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +57,8 @@ pub enum Error {
         authority: SocketAddr,
         status: StatusCode,
     },
+    #[error("reading the client's first bytes: {0}")]
+    ClientRead(io::Error),
     #[error("{what} with {addr} timed out")]
     Timeout {
         what: &'static str,
@@ -75,6 +77,7 @@ impl Error {
                 | Error::Tls { .. }
                 | Error::H2 { .. }
                 | Error::Status { .. }
+                | Error::ClientRead(_)
                 | Error::Timeout { .. }
         )
     }
@@ -88,6 +91,8 @@ pub enum Upstream {
         /// Holds the stream's slot on the pooled connection (whose peer identity the record
         /// names).
         slot: Checkout,
+        /// Bytes of the client's sent with the request ([`first_flight`]).
+        early: u32,
     },
     Tcp(TcpStream),
 }
@@ -113,7 +118,8 @@ pub fn handle(
             }
         };
         let started = Instant::now();
-        let opened = open(&proxy, &net, &source, peer, dst).await;
+        let early = Some(&client);
+        let opened = open(&proxy, &net, &source, Client { addr: peer, early }, dst).await;
         Some(Session::new(
             proxy, source, client, peer, dst, started, opened,
         ))
@@ -176,8 +182,14 @@ impl Session {
         async move {
             // The direction is read off the link afterwards, not kept across the copy.
             let copied = match &mut self.link {
-                Ok(Upstream::Hbone { send, recv, .. }) => copy::tunnel(&self.client, send, recv)
+                Ok(Upstream::Hbone {
+                    send, recv, early, ..
+                }) => copy::tunnel(&self.client, send, recv)
                     .await
+                    .map(|mut t| {
+                        t.a_to_b += u64::from(*early);
+                        t
+                    })
                     .map_err(|e| e.to_string()),
                 Ok(Upstream::Tcp(server)) => copy::tcp(&self.client, server)
                     .await
@@ -217,13 +229,23 @@ impl Session {
     }
 }
 
+/// The connection being opened for, as [`open`] sees it.
+#[derive(Clone, Copy)]
+pub struct Client<'a> {
+    pub addr: PeerAddr,
+    /// Its socket, when what it already sent may go with the CONNECT request
+    /// ([`first_flight`]); `None` (SOCKS5, whose client waits for the reply) copies all of it
+    /// once the peer answered.
+    pub early: Option<&'a TcpStream>,
+}
+
 /// Resolves `dst` for `source` and connects from `net`: HBONE to a mesh workload that accepts
 /// it, plain TCP otherwise.
 pub async fn open(
     proxy: &Proxy,
     net: &Net,
     source: &Workload,
-    client: PeerAddr,
+    client: Client<'_>,
     dst: OrigDstAddr,
 ) -> Result<Upstream, Error> {
     let dst = dst.0;
@@ -282,7 +304,7 @@ async fn hbone(
     proxy: &Proxy,
     net: &Net,
     source: &Workload,
-    client: PeerAddr,
+    client: Client<'_>,
     workload: &Workload,
     target: SocketAddr,
     service: Option<&Service>,
@@ -314,7 +336,7 @@ async fn hbone(
             .header(
                 headers::FORWARDED,
                 headers::unindexed(headers::forwarded(
-                    client.0,
+                    client.addr.0,
                     service.map(|s| s.hostname.as_str()),
                 )),
             )
@@ -336,7 +358,7 @@ async fn hbone(
             Ok(mut sender) => sender.send_request(request(), false),
             Err(e) => Err(e),
         };
-        let (response, send) = match sent {
+        let (response, mut send) = match sent {
             Ok(pair) => pair,
             Err(e) if slot.reused && attempt == 0 => {
                 tracing::debug!(peer = %key.dst, error = %e, "stale pooled connection; retrying");
@@ -349,6 +371,10 @@ async fn hbone(
                     source,
                 });
             }
+        };
+        let early = match client.early {
+            Some(socket) => first_flight(socket, &mut send).map_err(Error::ClientRead)?,
+            None => 0,
         };
         let response = tokio::time::timeout(proxy.cfg.connect_timeout * 2, response)
             .await
@@ -371,9 +397,35 @@ async fn hbone(
             send,
             recv: response.into_body(),
             slot,
+            early,
         });
     }
     unreachable!("the loop returns on its second attempt")
+}
+
+/// Sends what the client has already written as DATA right behind the CONNECT request, so
+/// the two leave in one TLS record instead of the bytes waiting for the peer's answer: a
+/// client that speaks first (most do) saves a round trip between the agents per connection.
+/// The peer passes them on only once it authorized the stream and connected (hbone.md §3.2:
+/// DATA after the request headers carries the TCP bytes); if it refuses, they are dropped
+/// with the stream, as bytes in the agent's socket buffer would be.
+///
+/// One non-blocking read of at most [`copy::MIN_BUF`] bytes, on the socket itself rather
+/// than through tokio's readiness (which a just-accepted socket does not have yet); the copy
+/// takes over from there. EOF is left for the copy, which reads it again.
+fn first_flight(client: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<u32> {
+    let mut buf = [0u8; copy::MIN_BUF];
+    let read = (&*socket2::SockRef::from(client)).read(&mut buf);
+    match read {
+        Ok(0) => Ok(0),
+        Ok(n) => {
+            send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                .map_err(copy::h2_io)?;
+            Ok(n as u32)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// Opens a new HBONE connection for the pool: TCP, mutual TLS, HTTP/2.
@@ -414,4 +466,86 @@ async fn connect(proxy: &Proxy, net: &Net, key: &Key) -> Result<pool::Conn, Erro
             what: "HBONE handshake",
             addr,
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener as StdListener, TcpStream as StdStream};
+
+    use super::*;
+
+    /// A CONNECT stream's body as the peer receives it, with no answer ever sent: all of it
+    /// must have come before the answer.
+    async fn peer_bodies(io: tokio::io::DuplexStream, streams: usize) -> Vec<Vec<u8>> {
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let mut readers = Vec::new();
+        for _ in 0..streams {
+            let (req, unanswered) = conn.accept().await.unwrap().unwrap();
+            readers.push(tokio::spawn(async move {
+                let _unanswered = unanswered;
+                let mut body = req.into_body();
+                let mut got = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    got.extend_from_slice(&chunk);
+                }
+                got
+            }));
+        }
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let mut bodies = Vec::new();
+        for reader in readers {
+            bodies.push(reader.await.unwrap());
+        }
+        bodies
+    }
+
+    /// What the client wrote before its connection was opened goes out with the request,
+    /// before any answer; with nothing written nothing is sent; EOF is left for the copy.
+    #[tokio::test]
+    async fn first_flight_sends_what_the_client_already_wrote_and_leaves_eof() {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let mut app = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let client = TcpStream::from_std(ours).unwrap();
+        let (io, peer_io) = tokio::io::duplex(64 * 1024);
+        let peer = tokio::spawn(peer_bodies(peer_io, 3));
+        let (sender, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        // Opens a stream, runs the first flight on it and ends the stream (which is held
+        // open: dropping it would reset it).
+        let mut open = Vec::new();
+        let mut flight = async || {
+            let request = http::Request::connect("198.18.1.3:8080").body(()).unwrap();
+            let mut ready = sender.clone().ready().await.unwrap();
+            let (response, mut send) = ready.send_request(request, false).unwrap();
+            let sent = first_flight(&client, &mut send).unwrap();
+            send.send_data(Bytes::new(), true).unwrap();
+            open.push((response, send));
+            sent
+        };
+
+        assert_eq!(flight().await, 0, "nothing written yet");
+        app.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        client.readable().await.unwrap();
+        assert_eq!(flight().await, 18);
+        app.shutdown(Shutdown::Write).unwrap();
+        client.readable().await.unwrap();
+        assert_eq!(flight().await, 0, "EOF is not data");
+        let mut buf = [0u8; 16];
+        let mut sock = &*socket2::SockRef::from(&client);
+        assert_eq!(sock.read(&mut buf).unwrap(), 0, "the copy still reads EOF");
+
+        let bodies = tokio::time::timeout(std::time::Duration::from_secs(5), peer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            bodies,
+            [Vec::new(), b"GET / HTTP/1.1\r\n\r\n".to_vec(), Vec::new()]
+        );
+    }
 }

@@ -140,7 +140,12 @@ pub async fn handle(proxy: Arc<Proxy>, mut client: TcpStream, peer: PeerAddr) {
     };
     let started = Instant::now();
     // SOCKS5 clients are in the agent's namespace: workloads served on loopback addresses.
-    let opened = outbound::open(&proxy, &Net::Host, &source, peer, dst).await;
+    // The client sends nothing before the reply, so there is no first flight to send.
+    let caller = outbound::Client {
+        addr: peer,
+        early: None,
+    };
+    let opened = outbound::open(&proxy, &Net::Host, &source, caller, dst).await;
     let reply = match &opened {
         Ok(_) => Reply::Succeeded,
         Err(e) => Reply::for_error(e),
