@@ -74,6 +74,7 @@ pub async fn client(cfg: &KubernetesConfig) -> Result<kube::Client, SourceError>
     // kube retries 503s up to 15 times over minutes inside one call: a watch would then
     // report nothing while the API is away. The watcher's backoff and ours retry instead.
     config.default_retry = false;
+    crate::tls::install_process_default();
     kube::Client::try_from(config).map_err(|e| error(format!("Kubernetes API client: {e}")))
 }
 
