@@ -72,13 +72,6 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// Makes aws-lc-rs the process-wide rustls provider, for libraries that build their own
-/// configs from it (kube). With ring compiled in as well (for [`provider`]'s records) rustls
-/// no longer picks one by itself, and such a library would panic. Does nothing the second time.
-pub fn install_process_default() {
-    let _ = aws_lc_rs::default_provider().install_default();
-}
-
 /// Whether ring's AVX2 VAES AES-GCM runs here (the CPU features it checks for).
 fn vaes_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

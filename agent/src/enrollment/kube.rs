@@ -74,7 +74,6 @@ pub async fn client(cfg: &KubernetesConfig) -> Result<kube::Client, SourceError>
     // kube retries 503s up to 15 times over minutes inside one call: a watch would then
     // report nothing while the API is away. The watcher's backoff and ours retry instead.
     config.default_retry = false;
-    crate::tls::install_process_default();
     kube::Client::try_from(config).map_err(|e| error(format!("Kubernetes API client: {e}")))
 }
 
@@ -377,5 +376,37 @@ impl Source for KubeSource {
 
     fn report(&mut self, outcome: Result<(), String>) {
         self.ledger.report(outcome, Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kube builds its TLS config from rustls' process-wide provider, which rustls cannot
+    /// choose by itself now that two are compiled in (aws-lc-rs, and ring for HBONE records,
+    /// see `tls::provider`); kube installs aws-lc-rs when none is set, with its `aws-lc-rs`
+    /// feature. Were that to change, this would panic. Building the client sends nothing.
+    #[tokio::test]
+    async fn a_client_for_an_https_api_builds_with_two_tls_providers_compiled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{name: k, cluster: {server: 'https://198.18.0.1:6443'}}]\n\
+             users: [{name: u, user: {token: t}}]\n\
+             contexts: [{name: c, context: {cluster: k, user: u}}]\n",
+        )
+        .unwrap();
+        let cfg = KubernetesConfig {
+            kubeconfig: vec![path],
+            ..KubernetesConfig::default()
+        };
+        client(&cfg).await.expect("client");
+        assert!(
+            rustls::crypto::CryptoProvider::get_default().is_some(),
+            "kube took its TLS set-up path and left a process-wide provider"
+        );
     }
 }
