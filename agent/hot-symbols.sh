@@ -144,10 +144,17 @@ if not ran:
 def nm(*flags):
     text = subprocess.run(["nm", "--defined-only", *flags, binary], capture_output=True, text=True, check=True).stdout
     return [l.split(" ", 2) for l in text.splitlines()]
-hot = []
+# Code valgrind cannot run: it hides VAES from its guest, so under callgrind the agents seal
+# and open HBONE records with aws-lc, where on CPUs with VAES they use ring's AVX2 VAES
+# AES-GCM (agent/src/tls.rs). Those functions go in by name.
+unseen = re.compile(r"(ring_core_\w*(vaes|vpclmulqdq|aes_hw)\w*|<?ring::aead::.*|<?rustls::crypto::ring::tls13::.*)")
+hot, by_name = [], 0
 for (_, kind, mangled), (_, _, plain) in zip(nm(), nm("-C")):
-    if kind in "tT" and re.sub(r"::h[0-9a-f]{16}$", "", plain) in ran:
+    name = re.sub(r"::h[0-9a-f]{16}$", "", plain)
+    if kind in "tT" and (name in ran or unseen.fullmatch(name)):
         hot.append(mangled)
+        by_name += name not in ran
 open(out, "w").write("".join(s + "\n" for s in dict.fromkeys(hot)))
-print(f"{agents} agents, {used} dumps, {len(ran)} functions ran: {len(hot)} linker symbols in {out}")
+print(f"{agents} agents, {used} dumps, {len(ran)} functions ran: {len(hot)} linker symbols in {out}"
+      f" ({by_name} of them ring's AES-GCM, by name)")
 EOF
