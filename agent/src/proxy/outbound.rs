@@ -230,7 +230,6 @@ impl Session {
 }
 
 /// The connection being opened for, as [`open`] sees it.
-#[derive(Clone, Copy)]
 pub struct Client<'a> {
     pub addr: PeerAddr,
     /// Its socket, when what it already sent may go with the CONNECT request
