@@ -29,7 +29,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -288,6 +288,52 @@ impl<F: Future<Output = ()>> Future for Guarded<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         self.project().conn.poll(cx)
+    }
+}
+
+/// A connection's task in its two phases: opening (boxed, so its large short-lived state is
+/// gone once it is done), then what runs for the connection's life, held inline. Opening
+/// yields `None` when it already ended the connection (and recorded it).
+///
+/// A plain enum rather than `opening.then(...)`: the task's size is the running phase plus
+/// one tag, which decides the tokio allocation class the task falls in (128-byte steps).
+pub(crate) enum Phases<O, S> {
+    Opening(Pin<Box<O>>),
+    Running(S),
+    Done,
+}
+
+impl<O, S> Phases<O, S> {
+    pub(crate) fn new(opening: O) -> Self {
+        Phases::Opening(Box::pin(opening))
+    }
+}
+
+impl<O, S> Future for Phases<O, S>
+where
+    O: Future<Output = Option<S>>,
+    S: Future<Output = ()> + Unpin,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Phases::Opening(opening) => match ready!(opening.as_mut().poll(cx)) {
+                    Some(running) => *this = Phases::Running(running),
+                    None => break,
+                },
+                Phases::Running(running) => {
+                    ready!(Pin::new(running).poll(cx));
+                    break;
+                }
+                Phases::Done => return Poll::Ready(()),
+            }
+        }
+        // What the connection held goes now, not when the task is freed.
+        *this = Phases::Done;
+        Poll::Ready(())
     }
 }
 

@@ -113,7 +113,7 @@ where
     let (captured, _) = outbound.accept().await.expect("accept");
     let pool = Pool::new(PoolConfig::default());
     let key = Key::new(id("client"), None, vec![id("server")], app_addr);
-    let slot = pool
+    let (slot, _) = pool
         .checkout(key, || pool::handshake(near, &h2cfg, None))
         .await
         .expect("HTTP/2 client handshake");
@@ -127,12 +127,12 @@ where
         .uri(app_addr.to_string())
         .body(())
         .expect("valid CONNECT request");
-    let (response, mut send) = sender.send_request(request, false).expect("CONNECT sent");
+    let (response, send) = sender.send_request(request, false).expect("CONNECT sent");
     let response = response.await.expect("CONNECT answered");
     assert_eq!(response.status(), StatusCode::OK);
-    let mut recv = response.into_body();
+    let recv = response.into_body();
     tokio::spawn(async move {
-        let _ = copy::tunnel(&captured, &mut send, &mut recv).await;
+        let _ = copy::tunnel(captured, send, recv).await;
     });
 
     let (server, _) = server_app.accept().await.expect("accept");
@@ -170,9 +170,9 @@ async fn deliver(request: Request<RecvStream>, mut respond: SendResponse<Bytes>,
         .status(StatusCode::OK)
         .body(())
         .expect("valid response");
-    let mut send = respond.send_response(ok, false).expect("response sent");
-    let mut body = request.into_body();
-    let _ = copy::tunnel(&upstream, &mut send, &mut body).await;
+    let send = respond.send_response(ok, false).expect("response sent");
+    let body = request.into_body();
+    let _ = copy::tunnel(upstream, send, body).await;
 }
 
 fn id(sa: &str) -> Identity {

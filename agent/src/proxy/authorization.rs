@@ -136,6 +136,16 @@ impl Tracked {
         }
     }
 
+    /// The local workload the connection goes to.
+    pub fn workload(&self) -> &Arc<Workload> {
+        &self.entry.workload
+    }
+
+    /// The connection as it was decided (and is re-checked).
+    pub fn connection(&self) -> &Connection {
+        &self.entry.conn
+    }
+
     /// Whether a re-check has denied this connection.
     pub fn is_revoked(&self) -> bool {
         self.entry.revoked.get().is_some()

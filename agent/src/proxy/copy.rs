@@ -136,26 +136,29 @@ fn half_close(sock: &TcpStream) {
     let _ = SockRef::from(sock).shutdown(Shutdown::Write);
 }
 
-/// One direction from a socket to a socket: the bytes read are written from `buf`
-/// (`written` of them already), or once the direction carries bulk data, spliced through
-/// `pipe`.
+/// One direction from a socket to a socket: the bytes read are written from a buffer
+/// (`moved` of them already), or once the direction carries bulk data, spliced through a pipe
+/// (`moved` bytes in it, not yet spliced on). Kept small: a passthrough connection's task
+/// holds two.
 struct ToSocket {
-    buf: Buf,
-    written: u32,
-    /// Socket → socket, once the direction carries bulk data: bytes move through this pipe
-    /// with `splice(2)`, never through user space.
-    pipe: Option<Pipe>,
-    /// Bytes in `pipe`, not yet spliced on.
-    in_pipe: u32,
+    via: Via,
+    moved: u32,
     count: u64,
     done: bool,
 }
 
-/// One direction from a socket into a tunnel stream: the bytes read move into `pending`,
-/// which DATA frames share.
+/// How a [`ToSocket`] direction moves its bytes.
+enum Via {
+    Buffer(Buf),
+    /// Once the direction carries bulk data: bytes move through this pipe with `splice(2)`,
+    /// never through user space. Boxed: only bulk directions have one.
+    Pipe(Box<Pipe>),
+}
+
+/// One direction from a socket into a tunnel stream: the bytes read wait in `buf` until the
+/// peer's flow-control window lets them go, as DATA frames that share the buffer.
 struct ToTunnel {
     buf: Buf,
-    pending: Bytes,
     count: u64,
     done: bool,
 }
@@ -225,10 +228,8 @@ struct FromTunnel {
 impl ToSocket {
     fn new() -> Self {
         Self {
-            buf: Buf::new(),
-            written: 0,
-            pipe: None,
-            in_pipe: 0,
+            via: Via::Buffer(Buf::new()),
+            moved: 0,
             count: 0,
             done: false,
         }
@@ -242,49 +243,52 @@ impl ToSocket {
         cx: &mut Context<'_>,
     ) -> Poll<End> {
         loop {
-            if let Some(pipe) = &self.pipe {
-                match ready!(Self::poll_splice(
-                    pipe,
-                    &mut self.in_pipe,
-                    &mut self.count,
-                    from,
-                    to,
-                    cx
-                )) {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        half_close(to);
-                        return Poll::Ready(End::Eof);
+            let buf = match &mut self.via {
+                Via::Pipe(pipe) => {
+                    match ready!(Self::poll_splice(
+                        pipe,
+                        &mut self.moved,
+                        &mut self.count,
+                        from,
+                        to,
+                        cx
+                    )) {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            half_close(to);
+                            return Poll::Ready(End::Eof);
+                        }
+                        Err(e) => return Poll::Ready(End::Reset(e)),
                     }
-                    Err(e) => return Poll::Ready(End::Reset(e)),
                 }
-            }
-            if self.buf.buf.is_empty() {
-                match ready!(self.buf.poll_read(from, cx)) {
+                Via::Buffer(buf) => buf,
+            };
+            if buf.buf.is_empty() {
+                match ready!(buf.poll_read(from, cx)) {
                     Ok(0) => {
                         half_close(to);
                         return Poll::Ready(End::Eof);
                     }
                     Ok(n) => {
                         self.count += n as u64;
-                        self.written = 0;
+                        self.moved = 0;
                     }
                     Err(e) => return Poll::Ready(End::Reset(e)),
                 }
             }
-            if let Err(e) = ready!(poll_write_all(to, &self.buf.buf, &mut self.written, cx)) {
+            if let Err(e) = ready!(poll_write_all(to, &buf.buf, &mut self.moved, cx)) {
                 return Poll::Ready(End::Reset(e));
             }
-            if self.buf.full && self.buf.buf.len() >= SPLICE_AFTER {
+            if buf.full && buf.buf.len() >= SPLICE_AFTER {
                 // Bulk: splice from now on; the buffer is given back. Without a pipe (out of
                 // descriptors, say) the direction stays buffered.
-                self.pipe = Pipe::new().ok();
-                if self.pipe.is_some() {
-                    self.buf = Buf::new();
+                if let Ok(pipe) = Pipe::new() {
+                    self.via = Via::Pipe(Box::new(pipe));
+                    self.moved = 0;
                     continue;
                 }
             }
-            self.buf.consumed();
+            buf.consumed();
         }
     }
 
@@ -327,7 +331,6 @@ impl ToTunnel {
     fn new() -> Self {
         Self {
             buf: Buf::new(),
-            pending: Bytes::new(),
             count: 0,
             done: false,
         }
@@ -341,7 +344,7 @@ impl ToTunnel {
         cx: &mut Context<'_>,
     ) -> Poll<End> {
         loop {
-            if self.pending.is_empty() {
+            if self.buf.buf.is_empty() {
                 match ready!(self.buf.poll_read(from, cx)) {
                     Ok(0) => {
                         return Poll::Ready(match to.send_data(Bytes::new(), true) {
@@ -351,10 +354,6 @@ impl ToTunnel {
                     }
                     Ok(n) => {
                         self.count += n as u64;
-                        self.pending = self.buf.buf.split().freeze();
-                        // The frames own the bytes now; the buffer's spare room is kept or
-                        // let go as for a socket.
-                        self.buf.consumed();
                         to.reserve_capacity(n);
                     }
                     Err(e) => {
@@ -363,7 +362,7 @@ impl ToTunnel {
                     }
                 }
             }
-            while !self.pending.is_empty() {
+            while !self.buf.buf.is_empty() {
                 let granted = match ready!(to.poll_capacity(cx)) {
                     Some(Ok(granted)) => granted,
                     Some(Err(e)) => return Poll::Ready(End::Reset(h2_io(e))),
@@ -377,14 +376,18 @@ impl ToTunnel {
                 if granted == 0 {
                     continue;
                 }
-                let chunk = self.pending.split_to(granted.min(self.pending.len()));
+                // The frame owns its bytes (sharing the buffer's allocation); the rest stays.
+                let len = granted.min(self.buf.buf.len());
+                let chunk = self.buf.buf.split_to(len).freeze();
                 if let Err(e) = to.send_data(chunk, false) {
                     return Poll::Ready(End::Reset(h2_io(e)));
                 }
-                if !self.pending.is_empty() {
-                    to.reserve_capacity(self.pending.len());
+                if !self.buf.buf.is_empty() {
+                    to.reserve_capacity(self.buf.buf.len());
                 }
             }
+            // All sent: the buffer's spare room is kept or let go as for a socket.
+            self.buf.consumed();
         }
     }
 }
@@ -452,16 +455,17 @@ fn settle(done: &mut bool, polled: Poll<End>) -> Option<io::Error> {
 /// ended; each passes its own EOF on as a half-close, a reset of either resets both.
 ///
 /// A hand-written future rather than an `async fn`: it lives as long as the connection, and
-/// this way it holds only the two directions' state (~150 B), no copies of its arguments.
-pub struct Tcp<'a> {
-    a: &'a TcpStream,
-    b: &'a TcpStream,
+/// this way it holds the two sockets and the two directions' state, nothing else. It owns
+/// the sockets, so a task that keeps it keeps them once.
+pub struct Tcp {
+    a: TcpStream,
+    b: TcpStream,
     up: ToSocket,
     down: ToSocket,
 }
 
 /// Copies between two sockets; see [`Tcp`].
-pub fn tcp<'a>(a: &'a TcpStream, b: &'a TcpStream) -> Tcp<'a> {
+pub fn tcp(a: TcpStream, b: TcpStream) -> Tcp {
     Tcp {
         a,
         b,
@@ -470,12 +474,19 @@ pub fn tcp<'a>(a: &'a TcpStream, b: &'a TcpStream) -> Tcp<'a> {
     }
 }
 
-impl Future for Tcp<'_> {
+impl Tcp {
+    /// The two sockets, `a` first.
+    pub fn sockets(&self) -> (&TcpStream, &TcpStream) {
+        (&self.a, &self.b)
+    }
+}
+
+impl Future for Tcp {
     type Output = io::Result<Transferred>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let (a, b) = (this.a, this.b);
+        let (a, b) = (&this.a, &this.b);
         let (up, down) = (&mut this.up, &mut this.down);
         let mut reset_by = None;
         if !up.done {
@@ -519,22 +530,18 @@ pub(super) fn h2_io(e: h2::Error) -> io::Error {
 /// Copies between a socket and a tunnel stream until both directions ended (FIN ↔
 /// END_STREAM); a reset of either side resets the other (RST ↔ RST_STREAM CANCEL).
 /// `Transferred` counts socket → tunnel as `a_to_b`. Hand-written for the same reason as
-/// [`Tcp`].
-pub struct Tunnel<'a> {
-    sock: &'a TcpStream,
-    send: &'a mut SendStream<Bytes>,
-    recv: &'a mut RecvStream,
+/// [`Tcp`], and it owns the socket and the stream's halves, so a task that keeps it for the
+/// connection's life keeps them once, with no references to them.
+pub struct Tunnel {
+    sock: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
     up: ToTunnel,
     down: FromTunnel,
 }
 
-/// Copies between a socket and a tunnel stream; see [`Tunnel`]. The stream's halves are
-/// borrowed, so they stay where their owner keeps them instead of being stored again here.
-pub fn tunnel<'a>(
-    sock: &'a TcpStream,
-    send: &'a mut SendStream<Bytes>,
-    recv: &'a mut RecvStream,
-) -> Tunnel<'a> {
+/// Copies between a socket and a tunnel stream; see [`Tunnel`].
+pub fn tunnel(sock: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Tunnel {
     Tunnel {
         sock,
         send,
@@ -544,14 +551,21 @@ pub fn tunnel<'a>(
     }
 }
 
-impl Future for Tunnel<'_> {
+impl Tunnel {
+    /// The socket side.
+    pub fn sock(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+impl Future for Tunnel {
     type Output = io::Result<Transferred>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let sock = this.sock;
-        let (up, send) = (&mut this.up, &mut *this.send);
-        let (down, recv) = (&mut this.down, &mut *this.recv);
+        let sock = &this.sock;
+        let (up, send) = (&mut this.up, &mut this.send);
+        let (down, recv) = (&mut this.down, &mut this.recv);
         let mut reset_by = None;
         if !up.done {
             let polled = up.poll_to_tunnel(sock, send, cx);
@@ -625,7 +639,7 @@ mod tests {
             let (up2, down2) = (up.clone(), down.clone());
             let client = std::thread::spawn(move || exchange(a_peer, up2, chunk));
             let server = std::thread::spawn(move || exchange(b_peer, down2, chunk));
-            let moved = tcp(&a, &b).await.unwrap();
+            let moved = tcp(a, b).await.unwrap();
             assert_eq!(
                 moved,
                 Transferred {
@@ -662,9 +676,9 @@ mod tests {
                 }
             }
         });
-        assert!(tcp(&a, &b).await.is_err());
+        // The copy owns the sockets and drops them when it ends.
+        assert!(tcp(a, b).await.is_err());
         writer.join().unwrap();
-        drop((a, b));
         assert_eq!(
             reader.join().unwrap(),
             Err(io::ErrorKind::ConnectionReset),

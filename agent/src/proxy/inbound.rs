@@ -8,11 +8,11 @@
 //! A stream that policy denies later is reset.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
@@ -25,7 +25,7 @@ use super::authorization::{self, Denied, Tracked};
 use super::readahead::ReadAhead;
 use super::{PeerAddr, Proxy, copy, delivery, headers};
 use crate::drain::Watch;
-use crate::events::{ConnectionRecord, Direction};
+use crate::events::{Addr, ConnectionRecord, Direction, Started};
 use crate::netns::Net;
 use crate::tls;
 
@@ -178,38 +178,70 @@ impl Refusal {
 impl Stream {
     /// Serves one CONNECT stream to its end and records it.
     ///
-    /// Two phases, one task: the policy check and the upstream connect are boxed and gone once
-    /// connected, then the [`Relay`] answers and copies. The task lives as long as the
-    /// tunnelled connection, so it holds only the relay: what the copy and the record need,
-    /// with the stream's halves in one place (the copy borrows them). Refusals are boxed.
+    /// Two phases, one task: the policy check, the upstream connect and the answer are boxed
+    /// and gone once connected, then the [`Relay`] copies. The task lives as long as the
+    /// tunnelled connection, so it holds only the relay. A refused stream is answered and
+    /// recorded in the first phase.
     fn serve(
         self,
         target: Result<SocketAddr, Box<Refusal>>,
         src: SocketAddr,
         body: RecvStream,
-        respond: SendResponse<Bytes>,
+        mut respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send {
-        let opening = Box::pin(async move {
-            let started = Instant::now();
+        super::Phases::new(async move {
+            let started = Started::now();
             let opened = match target {
                 Ok(authority) => self.connect(authority, src.ip()).await.map_err(Box::new),
                 Err(refusal) => Err(refusal),
             };
-            Relay {
-                dst: opened
-                    .as_ref()
-                    .map_or(self.local, |(authority, ..)| *authority),
-                opened: opened.map(|(_, upstream, tracked)| (upstream, tracked)),
+            let refused = |dst, error| {
+                let peer = self.peer_id.as_deref();
+                record(
+                    &self.proxy,
+                    src,
+                    dst,
+                    &self.workload,
+                    peer,
+                    started,
+                    Err(error),
+                );
+            };
+            let (authority, upstream, tracked) = match opened {
+                Ok(connected) => connected,
+                Err(refusal) => {
+                    let response = Response::builder()
+                        .status(refusal.status())
+                        .body(())
+                        .expect("static response is valid");
+                    let _ = respond.send_response(response, true);
+                    refused(self.local, format!("{} ({})", refusal, refusal.status()));
+                    return None;
+                }
+            };
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .header(
+                    headers::BAGGAGE,
+                    headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
+                )
+                .body(())
+                .expect("static response is valid");
+            let send = match respond.send_response(response, false) {
+                Ok(send) => send,
+                Err(e) => {
+                    refused(authority, format!("sending 200: {e}"));
+                    return None;
+                }
+            };
+            Some(Relay {
+                copy: copy::tunnel(upstream, send, body),
+                tracked,
                 proxy: self.proxy,
-                workload: self.workload,
-                peer_id: self.peer_id,
-                src,
+                src: src.into(),
                 started,
-                body,
-                respond,
-            }
-        });
-        opening.then(Relay::run)
+            })
+        })
     }
 
     /// The address the request asks for, when it is a CONNECT to this workload.
@@ -261,86 +293,78 @@ impl Stream {
     }
 }
 
-/// A CONNECT stream once its upstream was connected (or refused).
+/// A CONNECT stream answered 200, for the connection's life: the copy (which owns the
+/// upstream socket and the stream's halves), the policy guard, and what the record needs that
+/// the guard does not already hold (the destination, the workload and the peer are in it).
 struct Relay {
+    copy: copy::Tunnel,
+    tracked: Tracked,
     proxy: Arc<Proxy>,
-    workload: Arc<Workload>,
-    peer_id: Option<Arc<Peer>>,
     /// The tunnel's client (from `forwarded`, else the peer).
-    src: SocketAddr,
-    /// The authority connected to (the workload's own address when refused).
-    dst: SocketAddr,
-    started: Instant,
-    opened: Result<(TcpStream, Tracked), Box<Refusal>>,
-    body: RecvStream,
-    respond: SendResponse<Bytes>,
+    src: Addr,
+    started: Started,
 }
 
-impl Relay {
-    /// Answers the CONNECT (200 once connected, the refusal's status otherwise), copies until
-    /// both directions ended or policy revokes the connection, and records it.
-    #[allow(clippy::manual_async_fn)] // captures the relay once; an `async fn` would keep it twice
-    fn run(mut self) -> impl Future<Output = ()> + Send {
-        async move {
-            // The tunnel's client is the peer: bytes it sent are "sent".
-            let outcome = 'outcome: {
-                let (upstream, tracked) = match &mut self.opened {
-                    Ok(connected) => connected,
-                    Err(refusal) => {
-                        let response = Response::builder()
-                            .status(refusal.status())
-                            .body(())
-                            .expect("static response is valid");
-                        let _ = self.respond.send_response(response, true);
-                        break 'outcome Err(format!("{} ({})", refusal, refusal.status()));
-                    }
-                };
-                let response = Response::builder()
-                    .status(StatusCode::OK)
-                    .header(
-                        headers::BAGGAGE,
-                        headers::baggage(&self.workload, &self.proxy.cfg.cluster_id),
-                    )
-                    .body(())
-                    .expect("static response is valid");
-                // Bound outside any `match`, so the `Result` is not kept beside the stream
-                // for the connection's life.
-                let mut send = match self.respond.send_response(response, false) {
-                    Ok(send) => send,
-                    Err(e) => break 'outcome Err(format!("sending 200: {e}")),
-                };
-                match tracked
-                    .unless_revoked(copy::tunnel(upstream, &mut send, &mut self.body))
-                    .await
-                {
-                    Ok(copied) => copied
-                        .map(|t| (t.b_to_a, t.a_to_b))
-                        .map_err(|e| e.to_string()),
-                    Err(why) => {
-                        // Dropping the tunnel's stream handles resets the stream; the
-                        // application sees a reset too.
-                        copy::reset(upstream);
-                        Err(format!("closed: now denied by authorization policy: {why}"))
-                    }
-                }
-            };
-            let ((sent, received), error) = match outcome {
-                Ok(moved) => (moved, None),
-                Err(e) => ((0, 0), Some(e)),
-            };
-            self.proxy.events.record(ConnectionRecord {
-                direction: Direction::InboundHbone,
-                src: self.src,
-                dst: self.dst,
-                local_identity: Some(self.workload.identity().clone()),
-                peer_identity: self.peer_id.as_deref().map(|p| p.identity().clone()),
-                sent,
-                received,
-                duration: self.started.elapsed(),
-                error,
-            });
-        }
+impl Future for Relay {
+    type Output = ();
+
+    /// Copies until both directions ended or policy revokes the connection, then records it.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        // The tunnel's client is the peer: bytes it sent are "sent".
+        let outcome = match this.tracked.poll_revoked(cx) {
+            Poll::Ready(why) => {
+                // Dropping the tunnel's stream handles (when the task ends, right after)
+                // resets the stream; the application sees a reset too.
+                copy::reset(this.copy.sock());
+                Err(format!("closed: now denied by authorization policy: {why}"))
+            }
+            Poll::Pending => match ready!(Pin::new(&mut this.copy).poll(cx)) {
+                Ok(t) => Ok((t.b_to_a, t.a_to_b)),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let conn = this.tracked.connection();
+        let workload = this.tracked.workload();
+        let peer = conn.peer.as_deref();
+        record(
+            &this.proxy,
+            this.src.into(),
+            conn.dst,
+            workload,
+            peer,
+            this.started,
+            outcome,
+        );
+        Poll::Ready(())
     }
+}
+
+/// Records one CONNECT stream: bytes moved (sent, received), or why it failed.
+fn record(
+    proxy: &Proxy,
+    src: SocketAddr,
+    dst: SocketAddr,
+    workload: &Workload,
+    peer: Option<&Peer>,
+    started: Started,
+    outcome: Result<(u64, u64), String>,
+) {
+    let ((sent, received), error) = match outcome {
+        Ok(moved) => (moved, None),
+        Err(e) => ((0, 0), Some(e)),
+    };
+    proxy.events.record(ConnectionRecord {
+        direction: Direction::InboundHbone,
+        src,
+        dst,
+        local_identity: Some(workload.identity().clone()),
+        peer_identity: peer.map(|p| p.identity().clone()),
+        sent,
+        received,
+        duration: started.elapsed(),
+        error,
+    });
 }
 
 /// The original client from `forwarded: for="ip:port"`, when the peer sent one.

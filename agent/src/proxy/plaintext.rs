@@ -36,7 +36,7 @@ pub async fn handle(
         duration: Default::default(),
         error: None,
     };
-    let result = if proxy.is_own_port(dst.port()) {
+    let opened = if proxy.is_own_port(dst.port()) {
         Err(format!("destination {dst} is one of the agent's own ports"))
     } else if !workload.addresses.contains(&dst.ip()) {
         Err(format!(
@@ -51,26 +51,35 @@ pub async fn handle(
         };
         match authorization::admit(&proxy.live_inbound, &proxy.state, &workload, conn) {
             Err(denied) => Err(denied.to_string()),
-            Ok(mut tracked) => match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
-                Ok((upstream, _)) => {
-                    match tracked.unless_revoked(copy::tcp(&client, &upstream)).await {
-                        Ok(copied) => copied
-                            .map(|t| (rec.sent, rec.received) = (t.a_to_b, t.b_to_a))
-                            .map_err(|e| e.to_string()),
-                        Err(why) => {
-                            copy::reset(&upstream);
-                            Err(format!("closed: now denied by authorization policy: {why}"))
-                        }
-                    }
-                }
+            Ok(tracked) => match delivery::connect(&proxy, &net, peer.0.ip(), dst).await {
+                Ok((upstream, _)) => Ok((tracked, upstream)),
                 Err(e) => Err(format!("connect to {dst}: {e}")),
             },
         }
     };
-    if let Err(e) = result {
-        copy::reset(&client);
-        rec.error = Some(e);
-    }
+    rec.error = match opened {
+        Err(e) => {
+            copy::reset(&client);
+            Some(e)
+        }
+        Ok((mut tracked, upstream)) => {
+            let mut copy = copy::tcp(client, upstream);
+            match tracked.unless_revoked(&mut copy).await {
+                Ok(Ok(t)) => {
+                    (rec.sent, rec.received) = (t.a_to_b, t.b_to_a);
+                    None
+                }
+                // The copy has reset both sides.
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(why) => {
+                    let (client, upstream) = copy.sockets();
+                    copy::reset(upstream);
+                    copy::reset(client);
+                    Some(format!("closed: now denied by authorization policy: {why}"))
+                }
+            }
+        }
+    };
     rec.duration = started.elapsed();
     proxy.events.record(rec);
 }

@@ -86,11 +86,10 @@ impl Conn {
     }
 }
 
-/// A stream slot on a pooled connection; dropping it frees the slot.
+/// A stream slot on a pooled connection; dropping it frees the slot. (One pointer: a session
+/// holds it for the connection's life.)
 pub struct Checkout {
     conn: Arc<Conn>,
-    /// Whether the connection existed before this checkout (a stale one may be retried).
-    pub reused: bool,
 }
 
 impl Checkout {
@@ -139,8 +138,9 @@ impl Pool {
         reap(Arc::downgrade(&self.inner))
     }
 
-    /// A stream slot on a connection for `key`, opening one with `connect` when none has room.
-    pub async fn checkout<F, Fut, E>(&self, key: Key, connect: F) -> Result<Checkout, E>
+    /// A stream slot on a connection for `key`, opening one with `connect` when none has room;
+    /// with whether the connection existed before (a stale one may be retried).
+    pub async fn checkout<F, Fut, E>(&self, key: Key, connect: F) -> Result<(Checkout, bool), E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Conn, E>>,
@@ -170,20 +170,14 @@ impl Pool {
                     .compare_exchange(used, used + 1, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
-                return Ok(Checkout {
-                    conn: conn.clone(),
-                    reused: true,
-                });
+                return Ok((Checkout { conn: conn.clone() }, true));
             }
         }
         let conn = Arc::new(connect().await?);
         conn.streams.store(1, Ordering::Release);
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         conns.push(conn.clone());
-        Ok(Checkout {
-            conn,
-            reused: false,
-        })
+        Ok((Checkout { conn }, false))
     }
 
     /// Forgets the connections opened from `ip` (an un-enrolled pod's address): no new stream
@@ -313,7 +307,7 @@ mod tests {
         let mut slots = Vec::new();
         let mut open_streams = Vec::new();
         for _ in 0..3 {
-            let slot = pool
+            let (slot, reused) = pool
                 .checkout(key.clone(), || async {
                     let (client, server) = tokio::io::duplex(64 * 1024);
                     servers.spawn(async move {
@@ -342,10 +336,10 @@ mod tests {
                 .unwrap();
             assert_eq!(response.status(), http::StatusCode::OK);
             open_streams.push((response, stream));
-            slots.push(slot);
+            slots.push((slot, reused));
         }
         assert_eq!(pool.opened(), 2);
-        assert!(slots[1].reused && !slots[2].reused);
+        assert!(slots[1].1 && !slots[2].1);
         servers.abort_all();
     }
 }

@@ -6,13 +6,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::outbound::{self, Error};
 use super::{OrigDstAddr, PeerAddr, Proxy};
+use crate::events::Started;
 use crate::netns::Net;
 
 const VERSION: u8 = 5;
@@ -138,7 +138,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut client: TcpStream, peer: PeerAddr) {
         let _ = send_reply(&mut client, Reply::NotAllowed).await;
         return;
     };
-    let started = Instant::now();
+    let started = Started::now();
     // SOCKS5 clients are in the agent's namespace: workloads served on loopback addresses.
     // The client sends nothing before the reply, so there is no first flight to send.
     let caller = outbound::Client {
@@ -153,9 +153,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut client: TcpStream, peer: PeerAddr) {
     if send_reply(&mut client, reply).await.is_err() {
         return;
     }
-    outbound::Session::new(proxy, source, client, peer, dst, started, opened)
-        .run()
-        .await;
+    outbound::Session::new(proxy, source, client, peer, dst, started, opened).await;
 }
 
 /// The client half, for the demo and tests: connects from `bind` (a workload's address) to the
