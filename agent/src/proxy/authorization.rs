@@ -124,16 +124,21 @@ impl Tracked {
         std::future::poll_fn(|cx| self.poll_revoked(cx)).await
     }
 
-    /// Runs `copy` while the connection stays allowed: its output, or the reason once a
-    /// policy change denied the connection (`copy` is then dropped).
+    /// Polls `copy` while the connection stays allowed: its output, or the reason once a
+    /// policy change denied the connection (the caller then resets it).
     ///
-    /// A plain future rather than a `select!` with [`Tracked::revoked`]: it lives as long as
-    /// the connection and holds only `copy` and this guard's address.
-    pub fn unless_revoked<F: Future + Unpin>(&mut self, copy: F) -> UnlessRevoked<'_, F> {
-        UnlessRevoked {
-            tracked: self,
-            copy,
+    /// A poll step rather than a `select!` with [`Tracked::revoked`]: a connection's task polls
+    /// it from its own hand-written future, which lives as long as the connection and holds
+    /// nothing for the wait but the waker slot in the policy entry.
+    pub fn poll_unless_revoked<F: Future + Unpin>(
+        &mut self,
+        copy: &mut F,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<F::Output, Arc<str>>> {
+        if let Poll::Ready(why) = self.poll_revoked(cx) {
+            return Poll::Ready(Err(why));
         }
+        Pin::new(copy).poll(cx).map(Ok)
     }
 
     /// The local workload the connection goes to.
@@ -149,24 +154,6 @@ impl Tracked {
     /// Whether a re-check has denied this connection.
     pub fn is_revoked(&self) -> bool {
         self.entry.revoked.get().is_some()
-    }
-}
-
-/// See [`Tracked::unless_revoked`].
-pub struct UnlessRevoked<'a, F> {
-    tracked: &'a mut Tracked,
-    copy: F,
-}
-
-impl<F: Future + Unpin> Future for UnlessRevoked<'_, F> {
-    type Output = Result<F::Output, Arc<str>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        if let Poll::Ready(why) = this.tracked.poll_revoked(cx) {
-            return Poll::Ready(Err(why));
-        }
-        Pin::new(&mut this.copy).poll(cx).map(Ok)
     }
 }
 

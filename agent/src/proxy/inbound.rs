@@ -312,17 +312,15 @@ impl Future for Relay {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         // The tunnel's client is the peer: bytes it sent are "sent".
-        let outcome = match this.tracked.poll_revoked(cx) {
-            Poll::Ready(why) => {
+        let outcome = match ready!(this.tracked.poll_unless_revoked(&mut this.copy, cx)) {
+            Ok(Ok(t)) => Ok((t.b_to_a, t.a_to_b)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(why) => {
                 // Dropping the tunnel's stream handles (when the task ends, right after)
                 // resets the stream; the application sees a reset too.
                 copy::reset(this.copy.sock());
                 Err(format!("closed: now denied by authorization policy: {why}"))
             }
-            Poll::Pending => match ready!(Pin::new(&mut this.copy).poll(cx)) {
-                Ok(t) => Ok((t.b_to_a, t.a_to_b)),
-                Err(e) => Err(e.to_string()),
-            },
         };
         let conn = this.tracked.connection();
         let workload = this.tracked.workload();
