@@ -118,42 +118,53 @@ async fn handshake(client: &mut TcpStream) -> Result<SocketAddr, HandshakeError>
     Ok(SocketAddr::new(ip, port))
 }
 
-pub async fn handle(proxy: Arc<Proxy>, mut client: TcpStream, peer: PeerAddr) {
-    let dst = match handshake(&mut client).await {
-        Ok(dst) => OrigDstAddr(dst),
-        Err(e) => {
-            if let Some(reply) = e.reply() {
-                let _ = send_reply(&mut client, reply).await;
+/// Serves one SOCKS5 client: the handshake, the connect and the reply are boxed and gone once
+/// the reply went out, then the outbound [`Session`](outbound::Session) copies, as for a
+/// captured connection (the task holds only the session).
+pub fn handle(
+    proxy: Arc<Proxy>,
+    mut client: TcpStream,
+    peer: PeerAddr,
+) -> impl Future<Output = ()> + Send {
+    super::Phases::new(async move {
+        let dst = match handshake(&mut client).await {
+            Ok(dst) => OrigDstAddr(dst),
+            Err(e) => {
+                if let Some(reply) = e.reply() {
+                    let _ = send_reply(&mut client, reply).await;
+                }
+                tracing::debug!(src = %peer.0, error = %e, "SOCKS5 handshake failed");
+                return None;
             }
-            tracing::debug!(src = %peer.0, error = %e, "SOCKS5 handshake failed");
-            return;
+        };
+        let source = proxy
+            .state
+            .workload_by_ip("", peer.0.ip())
+            .filter(|w| w.node == proxy.cfg.node_name);
+        let Some(source) = source else {
+            tracing::warn!(src = %peer.0, dst = %dst.0, "SOCKS5 client is not a local workload; refused");
+            let _ = send_reply(&mut client, Reply::NotAllowed).await;
+            return None;
+        };
+        let started = Started::now();
+        // SOCKS5 clients are in the agent's namespace: workloads served on loopback addresses.
+        // The client sends nothing before the reply, so there is no first flight to send.
+        let caller = outbound::Client {
+            addr: peer,
+            early: None,
+        };
+        let opened = outbound::open(&proxy, &Net::Host, &source, caller, dst).await;
+        let reply = match &opened {
+            Ok(_) => Reply::Succeeded,
+            Err(e) => Reply::for_error(e),
+        };
+        if send_reply(&mut client, reply).await.is_err() {
+            return None;
         }
-    };
-    let source = proxy
-        .state
-        .workload_by_ip("", peer.0.ip())
-        .filter(|w| w.node == proxy.cfg.node_name);
-    let Some(source) = source else {
-        tracing::warn!(src = %peer.0, dst = %dst.0, "SOCKS5 client is not a local workload; refused");
-        let _ = send_reply(&mut client, Reply::NotAllowed).await;
-        return;
-    };
-    let started = Started::now();
-    // SOCKS5 clients are in the agent's namespace: workloads served on loopback addresses.
-    // The client sends nothing before the reply, so there is no first flight to send.
-    let caller = outbound::Client {
-        addr: peer,
-        early: None,
-    };
-    let opened = outbound::open(&proxy, &Net::Host, &source, caller, dst).await;
-    let reply = match &opened {
-        Ok(_) => Reply::Succeeded,
-        Err(e) => Reply::for_error(e),
-    };
-    if send_reply(&mut client, reply).await.is_err() {
-        return;
-    }
-    outbound::Session::new(proxy, source, client, peer, dst, started, opened).await;
+        Some(outbound::Session::new(
+            proxy, source, client, peer, dst, started, opened,
+        ))
+    })
 }
 
 /// The client half, for the demo and tests: connects from `bind` (a workload's address) to the
