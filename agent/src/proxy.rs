@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod plaintext;
 pub mod pool;
 pub mod readahead;
+mod relay;
 pub mod socks5;
 
 use std::io;

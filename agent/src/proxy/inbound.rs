@@ -8,9 +8,7 @@
 //! A stream that policy denies later is reset.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -23,9 +21,10 @@ use xds::policy::Peer;
 
 use super::authorization::{self, Denied, Tracked};
 use super::readahead::ReadAhead;
+use super::relay::{Relay, record};
 use super::{PeerAddr, Proxy, copy, delivery, headers};
 use crate::drain::Watch;
-use crate::events::{Addr, ConnectionRecord, Direction, Started};
+use crate::events::{Direction, Started};
 use crate::netns::Net;
 use crate::tls;
 
@@ -196,11 +195,12 @@ impl Stream {
                 Err(refusal) => Err(refusal),
             };
             let refused = |dst, error| {
-                let peer = self.peer_id.as_deref();
+                let (peer, direction) = (self.peer_id.as_deref(), Direction::InboundHbone);
+                let ends = (src, dst);
                 record(
                     &self.proxy,
-                    src,
-                    dst,
+                    direction,
+                    ends,
                     &self.workload,
                     peer,
                     started,
@@ -291,78 +291,6 @@ impl Stream {
             })?;
         Ok((authority, upstream, tracked))
     }
-}
-
-/// A CONNECT stream answered 200, for the connection's life: the copy (which owns the
-/// upstream socket and the stream's halves), the policy guard, and what the record needs that
-/// the guard does not already hold (the destination, the workload and the peer are in it).
-struct Relay {
-    copy: copy::Tunnel,
-    tracked: Tracked,
-    proxy: Arc<Proxy>,
-    /// The tunnel's client (from `forwarded`, else the peer).
-    src: Addr,
-    started: Started,
-}
-
-impl Future for Relay {
-    type Output = ();
-
-    /// Copies until both directions ended or policy revokes the connection, then records it.
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        // The tunnel's client is the peer: bytes it sent are "sent".
-        let outcome = match ready!(this.tracked.poll_unless_revoked(&mut this.copy, cx)) {
-            Ok(Ok(t)) => Ok((t.b_to_a, t.a_to_b)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(why) => {
-                // Dropping the tunnel's stream handles (when the task ends, right after)
-                // resets the stream; the application sees a reset too.
-                copy::reset(this.copy.sock());
-                Err(format!("closed: now denied by authorization policy: {why}"))
-            }
-        };
-        let conn = this.tracked.connection();
-        let workload = this.tracked.workload();
-        let peer = conn.peer.as_deref();
-        record(
-            &this.proxy,
-            this.src.into(),
-            conn.dst,
-            workload,
-            peer,
-            this.started,
-            outcome,
-        );
-        Poll::Ready(())
-    }
-}
-
-/// Records one CONNECT stream: bytes moved (sent, received), or why it failed.
-fn record(
-    proxy: &Proxy,
-    src: SocketAddr,
-    dst: SocketAddr,
-    workload: &Workload,
-    peer: Option<&Peer>,
-    started: Started,
-    outcome: Result<(u64, u64), String>,
-) {
-    let ((sent, received), error) = match outcome {
-        Ok(moved) => (moved, None),
-        Err(e) => ((0, 0), Some(e)),
-    };
-    proxy.events.record(ConnectionRecord {
-        direction: Direction::InboundHbone,
-        src,
-        dst,
-        local_identity: Some(workload.identity().clone()),
-        peer_identity: peer.map(|p| p.identity().clone()),
-        sent,
-        received,
-        duration: started.elapsed(),
-        error,
-    });
 }
 
 /// The original client from `forwarded: for="ip:port"`, when the peer sent one.

@@ -3,17 +3,15 @@
 //! before the upstream connect; a denied connection is reset, also when a later policy change
 //! denies it.
 
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use tokio::net::TcpStream;
 use xds::Workload;
 
-use super::authorization::{self, Tracked};
+use super::authorization;
+use super::relay::{Relay, record};
 use super::{PeerAddr, Proxy, copy, delivery};
-use crate::events::{Addr, ConnectionRecord, Direction, Started};
+use crate::events::{Direction, Started};
 use crate::netns::Net;
 
 /// Serves one redirected connection to `workload`.
@@ -33,7 +31,16 @@ pub fn handle(
         let dst = super::orig_dst(&client).ok()?.0;
         let refused = |error: String| {
             copy::reset(&client);
-            record(&proxy, peer.0, dst, &workload, started, Err(error));
+            let direction = Direction::InboundPlaintext;
+            record(
+                &proxy,
+                direction,
+                (peer.0, dst),
+                &workload,
+                None,
+                started,
+                Err(error),
+            );
             None
         };
         if proxy.is_own_port(dst.port()) {
@@ -67,72 +74,4 @@ pub fn handle(
             started,
         })
     })
-}
-
-/// A connection delivered to its workload, for its life: the copy (which owns both sockets),
-/// the policy guard (which holds the destination and the workload for the record), and the
-/// rest of what the record needs.
-struct Relay {
-    copy: copy::Tcp,
-    tracked: Tracked,
-    proxy: Arc<Proxy>,
-    src: Addr,
-    started: Started,
-}
-
-impl Future for Relay {
-    type Output = ();
-
-    /// Copies until both directions ended or policy revokes the connection, then records it.
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        let outcome = match ready!(this.tracked.poll_unless_revoked(&mut this.copy, cx)) {
-            Ok(Ok(t)) => Ok((t.a_to_b, t.b_to_a)),
-            // The copy has reset both sides.
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(why) => {
-                let (client, upstream) = this.copy.sockets();
-                copy::reset(upstream);
-                copy::reset(client);
-                Err(format!("closed: now denied by authorization policy: {why}"))
-            }
-        };
-        let dst = this.tracked.connection().dst;
-        let workload = this.tracked.workload();
-        record(
-            &this.proxy,
-            this.src.into(),
-            dst,
-            workload,
-            this.started,
-            outcome,
-        );
-        Poll::Ready(())
-    }
-}
-
-/// Records one connection: bytes moved (sent, received), or why it failed.
-fn record(
-    proxy: &Proxy,
-    src: SocketAddr,
-    dst: SocketAddr,
-    workload: &Workload,
-    started: Started,
-    outcome: Result<(u64, u64), String>,
-) {
-    let ((sent, received), error) = match outcome {
-        Ok(moved) => (moved, None),
-        Err(e) => ((0, 0), Some(e)),
-    };
-    proxy.events.record(ConnectionRecord {
-        direction: Direction::InboundPlaintext,
-        src,
-        dst,
-        local_identity: Some(workload.identity().clone()),
-        peer_identity: None,
-        sent,
-        received,
-        duration: started.elapsed(),
-        error,
-    });
 }
