@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use bed::{Bed, Lane};
 use load::{Direction, Interrupt};
-use report::{Data, IdleStep, Machine, Sample};
+use report::{Data, IdleStep, Machine, QuietStep, Sample};
 use usage::Process;
 
 /// Ping-pong message sizes, bytes.
@@ -97,7 +97,8 @@ pub enum CaseGroup {
     Latency,
     /// New connections per second with 1 and 4 threads, and the agents' CPU per connection.
     Connections,
-    /// The agents' memory idle and with `--idle-conns` idle connections open.
+    /// The agents' memory idle, with `--idle-conns` idle connections open, and after the load
+    /// (right after it and once they were quiet for `--quiet-for`).
     Memory,
 }
 
@@ -128,16 +129,18 @@ pub enum Case {
     },
     /// Agent memory with `--idle-conns` connections open.
     IdleConns,
+    /// Agent memory once the repeat's other cases are over, and while the agents stay quiet.
+    AfterLoad,
 }
 
 impl Case {
     fn needs_agents(self) -> bool {
-        matches!(self, Case::AgentIdle | Case::IdleConns)
+        matches!(self, Case::AgentIdle | Case::IdleConns | Case::AfterLoad)
     }
 
     fn group(self) -> CaseGroup {
         match self {
-            Case::AgentIdle | Case::IdleConns => CaseGroup::Memory,
+            Case::AgentIdle | Case::IdleConns | Case::AfterLoad => CaseGroup::Memory,
             Case::Throughput { .. } => CaseGroup::Throughput,
             Case::PingPong { .. } => CaseGroup::Latency,
             Case::ConnRate { .. } => CaseGroup::Connections,
@@ -155,6 +158,7 @@ impl fmt::Display for Case {
             Case::PingPong { size } => write!(f, "ping-pong {size} B"),
             Case::ConnRate { threads } => write!(f, "connections {threads}x"),
             Case::IdleConns => write!(f, "idle connections"),
+            Case::AfterLoad => write!(f, "memory after the load"),
         }
     }
 }
@@ -178,6 +182,10 @@ pub struct Settings {
     pub repeats: usize,
     /// Open idle connections to measure memory at, ascending.
     pub idle_conns: Vec<usize>,
+    /// How long the agents are left without traffic after the load before their memory is
+    /// read the last time.
+    #[serde(serialize_with = "secs")]
+    pub quiet_for: Duration,
     /// Round trips per ping-pong sample, at most.
     pub round_trip_cap: usize,
     /// Connections per connection-rate sample, at most.
@@ -194,7 +202,7 @@ pub struct Settings {
 
 impl Settings {
     fn cases(&self) -> Vec<Case> {
-        // Memory first, on agents restarted for it.
+        // Memory first, on agents restarted for it; what the load left behind last.
         let mut cases = vec![Case::AgentIdle];
         if !self.idle_conns.is_empty() {
             cases.push(Case::IdleConns);
@@ -205,6 +213,7 @@ impl Settings {
         }));
         cases.extend(PING_PONG_SIZES.map(|size| Case::PingPong { size }));
         cases.extend(CONN_THREADS.map(|threads| Case::ConnRate { threads }));
+        cases.push(Case::AfterLoad);
         cases.retain(|c| self.cases.contains(&c.group()));
         cases
     }
@@ -303,7 +312,12 @@ fn run_blocking(settings: &Settings, interrupt: &Interrupt) -> anyhow::Result<()
         Err(e) => eprintln!("warning: cannot list network namespaces: {e}"),
     }
     let samples = samples?;
-    let figures = report::figures(&samples, &settings.modes, &settings.idle_conns);
+    let figures = report::figures(
+        &samples,
+        &settings.modes,
+        &settings.idle_conns,
+        settings.quiet_for,
+    );
     println!(
         "ambientd bench: {}; {} repeat(s) of {:.1} s windows (after {:.1} s warm-up), medians",
         machine.describe(),
@@ -462,6 +476,26 @@ fn headline(data: &Data) -> String {
             parts.extend(error.iter().map(|e| format!("STOPPED: {e}")));
             parts.join(", ")
         }
+        Data::AfterLoad { quiet } => {
+            let (Some(first), Some(last)) = (quiet.first(), quiet.last()) else {
+                return String::new();
+            };
+            first
+                .agents
+                .iter()
+                .zip(&last.agents)
+                .enumerate()
+                .map(|(i, (a, b))| {
+                    format!(
+                        "node-{} {:.1} → {:.1} MiB",
+                        i + 1,
+                        a.rss as f64 / 1048576.0,
+                        b.rss as f64 / 1048576.0
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
         Data::Failed { error } => format!("FAILED: {error}"),
     }
 }
@@ -538,7 +572,30 @@ fn sample(
             }
         }
         Case::IdleConns => idle(bed, lane, s, interrupt)?,
+        Case::AfterLoad => after_load(lane, s.quiet_for, interrupt)?,
     })
+}
+
+/// Reads the agents' memory as soon as the repeat's load is over, then about once a second
+/// while they carry no traffic, until `quiet_for` has passed: what a burst leaves behind,
+/// and how much of it they give back (jemalloc's freed pages age out over ~10 s).
+fn after_load(lane: &Lane, quiet_for: Duration, interrupt: &Interrupt) -> anyhow::Result<Data> {
+    let start = Instant::now();
+    let mut quiet = vec![QuietStep {
+        after_s: 0.0,
+        agents: lane.agent_usage()?,
+    }];
+    while let Some(left) = quiet_for
+        .checked_sub(start.elapsed())
+        .filter(|d| !d.is_zero())
+    {
+        load::sleep(left.min(Duration::from_secs(1)), interrupt)?;
+        quiet.push(QuietStep {
+            after_s: start.elapsed().as_secs_f64(),
+            agents: lane.agent_usage()?,
+        });
+    }
+    Ok(Data::AfterLoad { quiet })
 }
 
 /// Opens `--idle-conns` connections step by step and reads the agents' memory at each step;
@@ -615,6 +672,7 @@ mod tests {
             warmup: Duration::ZERO,
             repeats: 1,
             idle_conns,
+            quiet_for: Duration::from_secs(1),
             round_trip_cap: 10,
             conn_cap: 10,
             agent_args: Vec::new(),
@@ -624,13 +682,14 @@ mod tests {
         }
     }
 
-    /// `--cases` picks whole groups; memory comes first; idle connections only count towards
-    /// the descriptors needed when memory is measured.
+    /// `--cases` picks whole groups; memory comes first, what the load left behind last; idle
+    /// connections only count towards the descriptors needed when memory is measured.
     #[test]
     fn cases_follow_the_selected_groups() {
         let all = settings(&CaseGroup::ALL, vec![5000]);
-        assert_eq!(all.cases().len(), 2 + 4 + 2 + 2);
+        assert_eq!(all.cases().len(), 2 + 4 + 2 + 2 + 1);
         assert_eq!(all.cases()[0], Case::AgentIdle);
+        assert_eq!(all.cases().last(), Some(&Case::AfterLoad));
         assert_eq!(all.descriptors(), 5000 + 1024);
         let latency = settings(&[CaseGroup::Latency], vec![5000]);
         assert_eq!(
@@ -644,7 +703,8 @@ mod tests {
             [
                 Case::AgentIdle,
                 Case::ConnRate { threads: 1 },
-                Case::ConnRate { threads: 4 }
+                Case::ConnRate { threads: 4 },
+                Case::AfterLoad
             ]
         );
     }

@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// Open idle connections to measure agent memory at [default: 1000,10000; --quick: 100].
     #[arg(long, value_delimiter = ',')]
     pub idle_conns: Option<Vec<usize>>,
+    /// After the load, how long the agents are left without traffic before their memory is
+    /// read again (it is read about once a second meanwhile) [default: 10s; --quick: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub quiet_for: Option<Duration>,
     /// Write every raw sample, the figures and the machine to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -106,6 +110,10 @@ impl BenchArgs {
         };
         let duration = pick(self.duration, 2000, 200);
         let warmup = pick(self.warmup, 300, 100);
+        let quiet_for = pick(self.quiet_for, 10_000, 1_000);
+        if quiet_for > Duration::from_secs(3600) {
+            return Err("--quiet-for: at most 1h".into());
+        }
         if duration.is_zero() {
             return Err("--duration must be more than 0".into());
         }
@@ -152,6 +160,7 @@ impl BenchArgs {
             warmup,
             repeats,
             idle_conns,
+            quiet_for,
             round_trip_cap: 1_000_000,
             conn_cap: 200_000,
             agent_args: self.agent_args,
@@ -751,10 +760,19 @@ mod tests {
         assert_eq!(s.modes, [Mode::Direct, Mode::Mesh, Mode::Tcp]);
         assert_eq!((s.duration, s.repeats), (Duration::from_secs(2), 3));
         assert_eq!(s.idle_conns, [1000, 10_000]);
+        assert_eq!(s.quiet_for, Duration::from_secs(10));
         let q = bench(&["--quick", "--modes", "mesh,direct,mesh", "--repeats", "2"]).unwrap();
         assert_eq!(q.modes, [Mode::Mesh, Mode::Direct]);
         assert_eq!((q.duration, q.repeats), (Duration::from_millis(200), 2));
         assert_eq!(q.idle_conns, [100]);
+        assert_eq!(q.quiet_for, Duration::from_secs(1));
+        let w = bench(&["--quick", "--quiet-for", "5m"]).unwrap();
+        assert_eq!(w.quiet_for, Duration::from_secs(300));
+        assert!(
+            bench(&["--quiet-for", "2h"])
+                .unwrap_err()
+                .contains("--quiet-for")
+        );
         let i = bench(&["--idle-conns", "500,0,50", "--agent-arg=--inbound-mode"]).unwrap();
         assert_eq!(i.idle_conns, [50, 500]);
         assert_eq!(i.agent_args, ["--inbound-mode"]);

@@ -61,6 +61,18 @@ fn check_sample(s: &Value) -> anyhow::Result<()> {
                 ensure!(a["rss"].as_u64() > Some(0));
             }
         }
+        "after_load" => {
+            // --quick leaves the agents quiet for 1 s, read about once a second.
+            let quiet = d["quiet"].as_array().context("quiet")?;
+            ensure!((2..=3).contains(&quiet.len()), "{s}");
+            ensure!(quiet[0]["after_s"] == 0.0, "{s}");
+            let last = quiet.last().context("a last reading")?;
+            ensure!(last["after_s"].as_f64() >= Some(1.0), "{s}");
+            for step in quiet {
+                let a = step["agents"].as_array().context("agents")?;
+                ensure!(a.len() == 2 && a.iter().all(|u| u["rss"].as_u64() > Some(0)));
+            }
+        }
         other => anyhow::bail!("sample failed or unknown ({other}): {s}"),
     }
     Ok(())
@@ -133,8 +145,8 @@ fn quick_bench_measures_every_case_in_every_mode_and_cleans_up() -> anyhow::Resu
         let cases = cases_of(samples, mode);
         ensure!(cases.is_superset(&direct), "{mode} misses cases: {cases:?}");
         ensure!(
-            cases.len() == 10,
-            "{mode}: plus agent idle and idle connections: {cases:?}"
+            cases.len() == 11,
+            "{mode}: plus agent idle, idle connections and memory after the load: {cases:?}"
         );
     }
     for s in samples {

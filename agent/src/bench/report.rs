@@ -3,6 +3,7 @@
 //! table on stdout and the JSON file. The chart is in [`super::chart`].
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -57,6 +58,11 @@ pub enum Data {
         /// Why the steps after the last one were not measured.
         error: Option<String>,
     },
+    /// The agents' memory when the repeat's other cases were over (the first step), then
+    /// about once a second while they carried no traffic.
+    AfterLoad {
+        quiet: Vec<QuietStep>,
+    },
     /// The sample could not be taken; the error says why.
     Failed {
         error: String,
@@ -66,6 +72,13 @@ pub enum Data {
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleStep {
     pub conns: usize,
+    pub agents: Vec<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QuietStep {
+    /// Seconds since the load was over.
+    pub after_s: f64,
     pub agents: Vec<Usage>,
 }
 
@@ -225,7 +238,7 @@ fn sum(v: &[f64]) -> f64 {
     v.iter().sum()
 }
 
-fn defs(idle_conns: &[usize]) -> Vec<Def> {
+fn defs(idle_conns: &[usize], quiet_for: Duration) -> Vec<Def> {
     let mut defs = Vec::new();
     for (n, dir) in THROUGHPUT {
         defs.push(Def {
@@ -391,7 +404,53 @@ fn defs(idle_conns: &[usize]) -> Vec<Def> {
             });
         }
     }
+    let quiet = format_duration(quiet_for);
+    for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
+        // The first reading (right after the load) and the last (after `quiet_for`).
+        for (when, key, last) in [
+            ("right after the load".to_owned(), "after_load", false),
+            (format!("{quiet} after the load"), "quiet", true),
+        ] {
+            let step = move |d: &Data| -> Option<Usage> {
+                match d {
+                    Data::AfterLoad { quiet } => {
+                        let step = if last { quiet.last() } else { quiet.first() }?;
+                        step.agents.get(i).copied()
+                    }
+                    _ => None,
+                }
+            };
+            defs.push(Def {
+                key: format!("agent_rss_{key}_{node}"),
+                label: format!("agent RSS {when}, {node}"),
+                unit: Unit::Bytes,
+                case: Case::AfterLoad,
+                read: Box::new(move |d| step(d).map(|u| u.rss as f64)),
+                ratio: false,
+                target: None,
+            });
+            defs.push(Def {
+                key: format!("agent_rss_anon_{key}_{node}"),
+                label: "  of which anonymous (heap, stacks)".to_owned(),
+                unit: Unit::Bytes,
+                case: Case::AfterLoad,
+                read: Box::new(move |d| step(d).map(|u| u.rss_anon as f64)),
+                ratio: false,
+                target: None,
+            });
+        }
+    }
     defs
+}
+
+/// `10 s`, `1.5 s`, `5 min`: a quiet period as the table names it.
+fn format_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 60.0 && d.as_secs().is_multiple_of(60) && d.subsec_nanos() == 0 {
+        format!("{} min", d.as_secs() / 60)
+    } else {
+        format!("{s} s")
+    }
 }
 
 fn size_label(size: usize) -> String {
@@ -412,8 +471,13 @@ impl Direction {
 }
 
 /// The figures of `samples` for `modes`: medians over repeats, ratios to direct, targets.
-pub fn figures(samples: &[Sample], modes: &[Mode], idle_conns: &[usize]) -> Vec<Figure> {
-    defs(idle_conns)
+pub fn figures(
+    samples: &[Sample],
+    modes: &[Mode],
+    idle_conns: &[usize],
+    quiet_for: Duration,
+) -> Vec<Figure> {
+    defs(idle_conns, quiet_for)
         .into_iter()
         .filter_map(|def| {
             let values: Vec<(Mode, Option<f64>)> = modes

@@ -95,8 +95,34 @@ fn samples() -> Vec<Sample> {
             error: Some("out of descriptors".into()),
         },
     ));
+    // Two repeats: the figures are the medians of the first and of the last readings.
+    for (r, (first, last)) in [((40.0, 30.0), (12.0, 11.0)), ((60.0, 50.0), (14.0, 13.0))]
+        .into_iter()
+        .enumerate()
+    {
+        let step = |after_s: f64, (n1, n2): (f64, f64)| QuietStep {
+            after_s,
+            agents: vec![
+                Usage {
+                    rss_anon: (n1 * 1048576.0) as u64 / 2,
+                    ..usage(n1, 30)
+                },
+                usage(n2, 30),
+            ],
+        };
+        s.push(sample(
+            Mode::Mesh,
+            r + 1,
+            Case::AfterLoad,
+            Data::AfterLoad {
+                quiet: vec![step(0.0, first), step(1.0, (20.0, 20.0)), step(2.0, last)],
+            },
+        ));
+    }
     s
 }
+
+const QUIET: Duration = Duration::from_secs(10);
 
 fn figure<'a>(figures: &'a [Figure], key: &str) -> &'a Figure {
     figures
@@ -111,7 +137,7 @@ fn value(f: &Figure, mode: Mode) -> Option<f64> {
 
 #[test]
 fn figures_are_medians_over_repeats_with_ratios_and_targets() {
-    let figures = figures(&samples(), &[Mode::Direct, Mode::Mesh], &[1024]);
+    let figures = figures(&samples(), &[Mode::Direct, Mode::Mesh], &[1024], QUIET);
     let up = figure(&figures, "throughput_1_up");
     assert_eq!(value(up, Mode::Direct), Some(200e6));
     assert_eq!(value(up, Mode::Mesh), Some(70e6));
@@ -155,11 +181,37 @@ fn figures_are_medians_over_repeats_with_ratios_and_targets() {
     let node2 = figure(&figures, "agent_rss_per_conn_1024_node2");
     assert_eq!(value(node2, Mode::Mesh), Some(3.0 * 1048576.0 / 1024.0));
     assert_eq!(node2.target, None);
+
+    // After the load: the first reading, and the last one (after the quiet period).
+    let mib = |v: f64| Some(v * 1048576.0);
+    let after = figure(&figures, "agent_rss_after_load_node-1");
+    assert_eq!(value(after, Mode::Mesh), mib(50.0));
+    assert_eq!(after.label, "agent RSS right after the load, node-1");
+    assert_eq!((after.target, value(after, Mode::Direct)), (None, None));
+    let quiet = figure(&figures, "agent_rss_quiet_node-1");
+    assert_eq!(value(quiet, Mode::Mesh), mib(13.0));
+    assert_eq!(quiet.label, "agent RSS 10 s after the load, node-1");
+    let anon = figure(&figures, "agent_rss_anon_quiet_node-1");
+    assert_eq!(value(anon, Mode::Mesh), mib(6.5));
+    let quiet2 = figure(&figures, "agent_rss_quiet_node-2");
+    assert_eq!(value(quiet2, Mode::Mesh), mib(12.0));
+    assert_eq!(
+        value(figure(&figures, "agent_rss_after_load_node-2"), Mode::Mesh),
+        mib(40.0)
+    );
+}
+
+#[test]
+fn a_quiet_period_is_named_in_seconds_or_minutes() {
+    assert_eq!(format_duration(Duration::from_secs(10)), "10 s");
+    assert_eq!(format_duration(Duration::from_millis(1500)), "1.5 s");
+    assert_eq!(format_duration(Duration::from_secs(300)), "5 min");
+    assert_eq!(format_duration(Duration::from_secs(90)), "90 s");
 }
 
 #[test]
 fn agent_figures_are_left_out_without_agents() {
-    let figures = figures(&samples(), &[Mode::Direct], &[1024]);
+    let figures = figures(&samples(), &[Mode::Direct], &[1024], QUIET);
     assert!(figures.iter().any(|f| f.key == "throughput_1_up"));
     assert!(!figures.iter().any(|f| f.key.starts_with("agent_")));
     assert!(figures.iter().all(|f| f.ratios.is_empty()));
@@ -176,7 +228,7 @@ fn cells(row: &str) -> Vec<&str> {
 #[test]
 fn table_has_a_column_per_mode_and_ratio_and_the_verdicts() {
     let modes = [Mode::Direct, Mode::Mesh];
-    let table = table(&figures(&samples(), &modes, &[1024]), &modes);
+    let table = table(&figures(&samples(), &modes, &[1024], QUIET), &modes);
     let lines: Vec<&str> = table.lines().collect();
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
@@ -272,7 +324,7 @@ fn values_are_shown_in_readable_units() {
 fn json_holds_every_raw_sample_the_figures_and_the_machine() {
     let modes = [Mode::Direct, Mode::Mesh];
     let samples = samples();
-    let figures = figures(&samples, &modes, &[1024]);
+    let figures = figures(&samples, &modes, &[1024], QUIET);
     let machine = Machine::current();
     let settings = Settings {
         modes: modes.to_vec(),
@@ -281,6 +333,7 @@ fn json_holds_every_raw_sample_the_figures_and_the_machine() {
         warmup: Duration::from_millis(300),
         repeats: 3,
         idle_conns: vec![1024],
+        quiet_for: QUIET,
         round_trip_cap: 10,
         conn_cap: 10,
         agent_args: Vec::new(),
@@ -297,6 +350,7 @@ fn json_holds_every_raw_sample_the_figures_and_the_machine() {
     };
     let v: serde_json::Value = serde_json::to_value(&report).unwrap();
     assert_eq!(v["settings"]["duration"], 1.5);
+    assert_eq!(v["settings"]["quiet_for"], 10.0);
     assert_eq!(
         v["settings"]["modes"],
         serde_json::json!(["direct", "mesh"])
@@ -322,6 +376,9 @@ fn json_holds_every_raw_sample_the_figures_and_the_machine() {
     let pp = &all[6]["data"]["ping_pong"]["rtt_ns"];
     assert_eq!(pp.as_array().unwrap().len(), 1000);
     assert_eq!(all[8]["data"]["failed"]["error"], "refused");
+    let quiet = &all[11]["data"]["after_load"]["quiet"];
+    assert_eq!(quiet[2]["after_s"], 2.0);
+    assert_eq!(quiet[2]["agents"][1]["rss"], 11 * 1048576);
     let f = v["figures"]
         .as_array()
         .unwrap()
@@ -335,7 +392,7 @@ fn json_holds_every_raw_sample_the_figures_and_the_machine() {
 #[test]
 fn chart_draws_a_bar_per_ratio_and_a_mark_per_ratio_target() {
     let modes = [Mode::Direct, Mode::Mesh];
-    let figures = figures(&samples(), &modes, &[1024]);
+    let figures = figures(&samples(), &modes, &[1024], QUIET);
     let svg = chart::svg(&figures, &Machine::current());
     assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
     assert!(svg.trim_end().ends_with("</svg>"));
