@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use bed::{Bed, Lane};
 use load::{Direction, Interrupt};
-use report::{Data, IdleStep, Machine, QuietStep, Sample};
+use report::{Data, IdleStep, Machine, QuietStep, Sample, Unit};
 use usage::Process;
 
 /// Ping-pong message sizes, bytes.
@@ -434,7 +434,7 @@ fn headline(data: &Data) -> String {
     match data {
         Data::AgentIdle { agents } => agents
             .iter()
-            .map(|u| format!("{:.1} MiB", u.rss as f64 / 1048576.0))
+            .map(|u| report::format_value(Unit::Bytes, u.rss as f64))
             .collect::<Vec<_>>()
             .join(", "),
         Data::Throughput { bytes_per_s, .. } => format!("{:.0} MB/s", bytes_per_s / 1e6),
@@ -487,10 +487,10 @@ fn headline(data: &Data) -> String {
                 .enumerate()
                 .map(|(i, (a, b))| {
                     format!(
-                        "node-{} {:.1} → {:.1} MiB",
+                        "node-{} {} → {}",
                         i + 1,
-                        a.rss as f64 / 1048576.0,
-                        b.rss as f64 / 1048576.0
+                        report::format_value(Unit::Bytes, a.rss as f64),
+                        report::format_value(Unit::Bytes, b.rss as f64)
                     )
                 })
                 .collect::<Vec<_>>()
