@@ -347,7 +347,8 @@ pub struct RunArgs {
     /// Streams per pooled HBONE connection before another is opened.
     #[arg(long, env = "POOL_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
     pub pool_max_streams: usize,
-    /// Close pooled HBONE connections unused this long.
+    /// Close a peer's last pooled HBONE connection once unused this long (its others, opened
+    /// for a burst, go after 30 s unused, or this if shorter).
     #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
     #[arg(long, env = "HTTP2_STREAM_WINDOW_SIZE", default_value_t = 4 * 1024 * 1024)]

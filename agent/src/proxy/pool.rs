@@ -3,8 +3,9 @@
 //! A connection is keyed by (source identity, expected destination identities, destination
 //! address), so a TLS session is never shared between source identities. Each connection
 //! carries at most `max_streams` streams (fewer when the peer allows fewer); when all are full
-//! another is opened. Connections
-//! with no stream for `idle_timeout` are closed; each is kept alive (and checked) with PINGs.
+//! another is opened. A key's last connection is closed once it has had no stream for
+//! `idle_timeout`; the others (opened for a burst, and emptied when it ended) already after
+//! [`SURPLUS_IDLE`]. Each is kept alive (and checked) with PINGs.
 //! Opening happens under a per-key lock, so a burst of new streams to one peer waits for one
 //! handshake instead of opening one connection each.
 
@@ -49,6 +50,12 @@ impl Key {
         }
     }
 }
+
+/// How long a key's connections other than its most recently used one are kept without a
+/// stream (at most `idle_timeout`). A burst of streams opens connections of 100 streams each,
+/// and each holds ~100 KiB (buffers, TLS and HPACK state) while it is kept; one connection
+/// already serves the next stream at once, and another burst within this time finds them all.
+pub const SURPLUS_IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -217,32 +224,71 @@ impl Pool {
     }
 }
 
+impl PoolConfig {
+    fn surplus_idle(&self) -> Duration {
+        SURPLUS_IDLE.min(self.idle_timeout)
+    }
+
+    /// How often the reaper looks (5 s by default: a look costs a pass over the keys).
+    fn sweep_every(&self) -> Duration {
+        (self.surplus_idle() / 6).max(Duration::from_millis(100))
+    }
+}
+
 async fn reap(inner: Weak<Inner>) {
     let period = match inner.upgrade() {
-        Some(i) => (i.cfg.idle_timeout / 2).max(Duration::from_millis(100)),
+        Some(i) => i.cfg.sweep_every(),
         None => return,
     };
     loop {
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
-        let timeout = inner.cfg.idle_timeout;
+        let now = Instant::now();
         let mut slots = inner.slots.lock().expect("pool lock poisoned");
         slots.retain(|_, slot| {
             // A slot being used right now (locked) is kept as it is until the next round.
             let Ok(mut conns) = slot.try_lock() else {
                 return true;
             };
-            conns.retain(|c| {
-                let idle = c.streams.load(Ordering::Acquire) == 0
-                    && c.idle_since.lock().expect("pool lock poisoned").elapsed() >= timeout;
-                if idle {
-                    c.retire();
-                }
-                !c.is_closed()
-            });
+            sweep(&mut conns, &inner.cfg, now);
             !conns.is_empty()
         });
     }
+}
+
+/// Retires and drops one key's connections that have been unused too long: the most recently
+/// used one after `idle_timeout`, every other one after [`PoolConfig::surplus_idle`].
+fn sweep(conns: &mut Vec<Arc<Conn>>, cfg: &PoolConfig, now: Instant) {
+    conns.retain(|c| !c.is_closed());
+    // How long each has been unused; `None` while it carries a stream.
+    let unused: Vec<Option<Duration>> = conns
+        .iter()
+        .map(|c| {
+            (c.streams.load(Ordering::Acquire) == 0).then(|| {
+                let since = *c.idle_since.lock().expect("pool lock poisoned");
+                now.saturating_duration_since(since)
+            })
+        })
+        .collect();
+    let busy = unused.iter().any(Option::is_none);
+    // The connection kept longest: the most recently used idle one, unless one is busy.
+    let last = (!busy)
+        .then(|| (0..conns.len()).min_by_key(|&i| unused[i]))
+        .flatten();
+    let mut i = 0;
+    conns.retain(|c| {
+        let timeout = if Some(i) == last {
+            cfg.idle_timeout
+        } else {
+            cfg.surplus_idle()
+        };
+        let idle = unused[i].is_some_and(|d| d >= timeout);
+        i += 1;
+        if idle {
+            c.retire();
+        }
+        !idle
+    });
 }
 
 /// The HTTP/2 client handshake over an established TLS stream, with HBONE's settings; spawns
@@ -296,34 +342,117 @@ where
 mod tests {
     use super::*;
 
+    /// A connection to an in-memory peer that allows `max_streams` concurrent streams and
+    /// answers each with 200.
+    async fn connect_to_test_peer(
+        servers: &mut tokio::task::JoinSet<()>,
+        max_streams: u32,
+    ) -> Result<Conn, h2::Error> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        servers.spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(max_streams)
+                .handshake::<_, Bytes>(server)
+                .await
+                .unwrap();
+            let mut held = Vec::new();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let ok = http::Response::new(());
+                held.push(respond.send_response(ok, false).unwrap());
+            }
+        });
+        handshake(client, &H2Config::default(), None).await
+    }
+
+    fn test_key() -> Key {
+        let id = Identity::new("cluster.local", "demo", "client").unwrap();
+        Key::new(id, None, Vec::new(), "198.18.1.3:15008".parse().unwrap())
+    }
+
+    /// After a burst, a key keeps its most recently used connection for `idle_timeout` and
+    /// closes the others after `SURPLUS_IDLE`; while one carries a stream, every idle one is
+    /// surplus.
+    #[tokio::test]
+    async fn surplus_connections_close_before_the_last_one() {
+        let cfg = PoolConfig {
+            max_streams: 1,
+            ..PoolConfig::default()
+        };
+        let pool = Pool::new(cfg.clone());
+        let mut servers = tokio::task::JoinSet::new();
+        let mut slots = Vec::new();
+        for _ in 0..3 {
+            let (slot, _) = pool
+                .checkout(test_key(), || connect_to_test_peer(&mut servers, 100))
+                .await
+                .unwrap();
+            slots.push(slot);
+        }
+        assert_eq!(pool.connections(), 3);
+        let sweep_at = |after: Duration| {
+            let slot = pool.inner.slots.lock().unwrap()[&test_key()].clone();
+            let mut conns = slot.try_lock().unwrap();
+            sweep(&mut conns, &cfg, Instant::now() + after);
+            conns.iter().map(Arc::as_ptr).collect::<Vec<_>>()
+        };
+
+        // The third still carries its stream: the two idle ones are surplus.
+        let held = slots.pop().unwrap();
+        let busy = Arc::as_ptr(held.conn());
+        slots.clear();
+        assert_eq!(sweep_at(SURPLUS_IDLE - Duration::from_secs(1)).len(), 3);
+        assert_eq!(sweep_at(SURPLUS_IDLE), [busy]);
+
+        // Once it is idle too, it is the last one and stays until the idle timeout.
+        drop(held);
+        assert_eq!(sweep_at(SURPLUS_IDLE * 2), [busy]);
+        assert_eq!(sweep_at(cfg.idle_timeout - Duration::from_secs(1)), [busy]);
+        assert!(sweep_at(cfg.idle_timeout).is_empty());
+        servers.abort_all();
+    }
+
+    /// Of several idle connections, the one used last is kept.
+    #[tokio::test]
+    async fn the_connection_used_last_is_the_one_kept() {
+        let cfg = PoolConfig {
+            max_streams: 1,
+            ..PoolConfig::default()
+        };
+        let pool = Pool::new(cfg.clone());
+        let mut servers = tokio::task::JoinSet::new();
+        let mut slots = Vec::new();
+        for _ in 0..3 {
+            let (slot, _) = pool
+                .checkout(test_key(), || connect_to_test_peer(&mut servers, 100))
+                .await
+                .unwrap();
+            slots.push(slot);
+        }
+        let middle = Arc::as_ptr(slots[1].conn());
+        let others: Vec<_> = [slots.remove(0), slots.remove(1)].into();
+        drop(others);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(slots);
+        let slot = pool.inner.slots.lock().unwrap()[&test_key()].clone();
+        let mut conns = slot.try_lock().unwrap();
+        sweep(&mut conns, &cfg, Instant::now() + SURPLUS_IDLE);
+        assert_eq!(conns.iter().map(Arc::as_ptr).collect::<Vec<_>>(), [middle]);
+        drop(conns);
+        servers.abort_all();
+    }
+
     /// A peer that allows two concurrent streams gets a second connection for the third
     /// stream, although the pool's own limit is higher.
     #[tokio::test]
     async fn a_connection_carries_no_more_streams_than_the_peer_allows() {
         let pool = Pool::new(PoolConfig::default());
-        let id = Identity::new("cluster.local", "demo", "client").unwrap();
-        let key = Key::new(id, None, Vec::new(), "198.18.1.3:15008".parse().unwrap());
+        let key = test_key();
         let mut servers = tokio::task::JoinSet::new();
         let mut slots = Vec::new();
         let mut open_streams = Vec::new();
         for _ in 0..3 {
             let (slot, reused) = pool
-                .checkout(key.clone(), || async {
-                    let (client, server) = tokio::io::duplex(64 * 1024);
-                    servers.spawn(async move {
-                        let mut conn = h2::server::Builder::new()
-                            .max_concurrent_streams(2)
-                            .handshake::<_, Bytes>(server)
-                            .await
-                            .unwrap();
-                        let mut held = Vec::new();
-                        while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                            let ok = http::Response::new(());
-                            held.push(respond.send_response(ok, false).unwrap());
-                        }
-                    });
-                    handshake(client, &H2Config::default(), None).await
-                })
+                .checkout(key.clone(), || connect_to_test_peer(&mut servers, 2))
                 .await
                 .unwrap();
             // A stream that is answered: the peer's SETTINGS have been read by then.
