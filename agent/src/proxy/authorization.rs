@@ -160,7 +160,7 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         if let Some(registry) = self.entry.registry.upgrade() {
-            registry.lock().remove(&self.id);
+            super::forget(&mut registry.lock(), &self.id);
         }
     }
 }
