@@ -369,16 +369,13 @@ mod tests {
         Key::new(id, None, Vec::new(), "198.18.1.3:15008".parse().unwrap())
     }
 
-    /// After a burst, a key keeps its most recently used connection for `idle_timeout` and
-    /// closes the others after `SURPLUS_IDLE`; while one carries a stream, every idle one is
-    /// surplus.
-    #[tokio::test]
-    async fn surplus_connections_close_before_the_last_one() {
-        let cfg = PoolConfig {
+    /// A pool of one stream per connection, with three connections for `test_key()`, each
+    /// carrying the stream of its checkout.
+    async fn three_connections() -> (Pool, tokio::task::JoinSet<()>, Vec<Checkout>) {
+        let pool = Pool::new(PoolConfig {
             max_streams: 1,
             ..PoolConfig::default()
-        };
-        let pool = Pool::new(cfg.clone());
+        });
         let mut servers = tokio::task::JoinSet::new();
         let mut slots = Vec::new();
         for _ in 0..3 {
@@ -388,13 +385,26 @@ mod tests {
                 .unwrap();
             slots.push(slot);
         }
+        (pool, servers, slots)
+    }
+
+    /// Sweeps `test_key()`'s connections as if `after` had passed; the ones left.
+    fn sweep_test_key(pool: &Pool, after: Duration) -> Vec<*const Conn> {
+        let slot = pool.inner.slots.lock().unwrap()[&test_key()].clone();
+        let mut conns = slot.try_lock().unwrap();
+        sweep(&mut conns, &pool.inner.cfg, Instant::now() + after);
+        conns.iter().map(Arc::as_ptr).collect()
+    }
+
+    /// After a burst, a key keeps its most recently used connection for `idle_timeout` and
+    /// closes the others after `SURPLUS_IDLE`; while one carries a stream, every idle one is
+    /// surplus.
+    #[tokio::test]
+    async fn surplus_connections_close_before_the_last_one() {
+        let (pool, mut servers, mut slots) = three_connections().await;
+        let idle_timeout = pool.inner.cfg.idle_timeout;
         assert_eq!(pool.connections(), 3);
-        let sweep_at = |after: Duration| {
-            let slot = pool.inner.slots.lock().unwrap()[&test_key()].clone();
-            let mut conns = slot.try_lock().unwrap();
-            sweep(&mut conns, &cfg, Instant::now() + after);
-            conns.iter().map(Arc::as_ptr).collect::<Vec<_>>()
-        };
+        let sweep_at = |after: Duration| sweep_test_key(&pool, after);
 
         // The third still carries its stream: the two idle ones are surplus.
         let held = slots.pop().unwrap();
@@ -406,38 +416,21 @@ mod tests {
         // Once it is idle too, it is the last one and stays until the idle timeout.
         drop(held);
         assert_eq!(sweep_at(SURPLUS_IDLE * 2), [busy]);
-        assert_eq!(sweep_at(cfg.idle_timeout - Duration::from_secs(1)), [busy]);
-        assert!(sweep_at(cfg.idle_timeout).is_empty());
+        assert_eq!(sweep_at(idle_timeout - Duration::from_secs(1)), [busy]);
+        assert!(sweep_at(idle_timeout).is_empty());
         servers.abort_all();
     }
 
     /// Of several idle connections, the one used last is kept.
     #[tokio::test]
     async fn the_connection_used_last_is_the_one_kept() {
-        let cfg = PoolConfig {
-            max_streams: 1,
-            ..PoolConfig::default()
-        };
-        let pool = Pool::new(cfg.clone());
-        let mut servers = tokio::task::JoinSet::new();
-        let mut slots = Vec::new();
-        for _ in 0..3 {
-            let (slot, _) = pool
-                .checkout(test_key(), || connect_to_test_peer(&mut servers, 100))
-                .await
-                .unwrap();
-            slots.push(slot);
-        }
+        let (pool, mut servers, mut slots) = three_connections().await;
         let middle = Arc::as_ptr(slots[1].conn());
         let others: Vec<_> = [slots.remove(0), slots.remove(1)].into();
         drop(others);
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(slots);
-        let slot = pool.inner.slots.lock().unwrap()[&test_key()].clone();
-        let mut conns = slot.try_lock().unwrap();
-        sweep(&mut conns, &cfg, Instant::now() + SURPLUS_IDLE);
-        assert_eq!(conns.iter().map(Arc::as_ptr).collect::<Vec<_>>(), [middle]);
-        drop(conns);
+        assert_eq!(sweep_test_key(&pool, SURPLUS_IDLE), [middle]);
         servers.abort_all();
     }
 
