@@ -6,7 +6,10 @@
 //! and for Kubernetes ConfigMap symlink swaps, and lets several agents in one process (tests)
 //! each watch their own file. Each tick compares the file's metadata (mtime, size, inode);
 //! because Linux stamps mtimes at timer-tick granularity, a file modified within the last
-//! [`RECENT`] is also read and compared byte for byte, so two quick writes are not missed.
+//! [`RECENT`] is also read and compared byte for byte, so two quick writes are not missed. An
+//! edit is taken once two reads in a row agree ([`xds::local::Settle`]): a read between a
+//! writer's truncate and its write finds an empty or cut-off file, which may parse, and would
+//! otherwise drop workloads or policies for one interval.
 //!
 //! A file that fails to load is refused whole with its error logged; the last good state
 //! stays in force, so a broken edit never loosens what is enforced. Enrollment follows the
@@ -62,7 +65,7 @@ impl Stamp {
 pub struct Watcher {
     path: PathBuf,
     stamp: Option<Stamp>,
-    content: Option<Vec<u8>>,
+    content: xds::local::Settle,
     status: watch::Sender<Status>,
 }
 
@@ -71,7 +74,7 @@ impl Watcher {
         Self {
             path: path.to_owned(),
             stamp: Stamp::of(path).ok(),
-            content: std::fs::read(path).ok(),
+            content: xds::local::Settle::new(std::fs::read(path).ok()),
             status: watch::Sender::new(Status::default()),
         }
     }
@@ -80,21 +83,33 @@ impl Watcher {
         self.status.subscribe()
     }
 
-    /// Checks the file once; when its content changed, loads it and swaps it into `store`.
-    /// Returns whether it found a change.
+    /// Checks the file once; when its content changed and reads the same as on the previous
+    /// check, loads it and swaps it into `store`. Returns whether it took a change.
     pub fn poll(&mut self, store: &xds::Store) -> bool {
         let stamp = Stamp::of(&self.path).ok();
-        let maybe_changed = stamp != self.stamp || stamp.as_ref().is_none_or(Stamp::is_recent);
+        let maybe_changed = self.content.pending()
+            || stamp != self.stamp
+            || stamp.as_ref().is_none_or(Stamp::is_recent);
         self.stamp = stamp;
         if !maybe_changed {
             return false;
         }
-        let content = std::fs::read(&self.path).ok();
-        if content == self.content {
+        let read = std::fs::read(&self.path);
+        let (content, error) = match read {
+            Ok(bytes) => (Some(bytes), None),
+            Err(e) => (None, Some(e)),
+        };
+        if !self.content.offer(content) {
             return false;
         }
-        self.content = content;
-        match xds::local::load(&self.path) {
+        let loaded = match (self.content.taken(), error) {
+            (Some(bytes), _) => xds::local::parse_file(&self.path, bytes),
+            (None, error) => Err(xds::local::LoadError::Read {
+                path: self.path.clone(),
+                source: error.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+            }),
+        };
+        match loaded {
             Ok(mesh) => {
                 let (workloads, policies) = (mesh.workloads.len(), mesh.policies.len());
                 drop(store.replace(mesh.into_state()));
@@ -142,6 +157,13 @@ mod tests {
         )
     }
 
+    /// Polls until the watcher takes the file as it is now: the first read only sees it.
+    fn settled(watcher: &mut Watcher, store: &xds::Store) -> bool {
+        let first = watcher.poll(store);
+        assert!(!first, "an edit is taken only when a second read agrees");
+        watcher.poll(store)
+    }
+
     #[test]
     fn changes_are_applied_and_bad_files_leave_the_last_good_state() {
         let dir = tempfile::tempdir().unwrap();
@@ -154,15 +176,15 @@ mod tests {
 
         // Same length, written right after: only the content tells them apart.
         std::fs::write(&path, deny_all("p1")).unwrap();
-        assert!(watcher.poll(&store));
+        assert!(settled(&mut watcher, &store));
         std::fs::write(&path, deny_all("p2")).unwrap();
-        assert!(watcher.poll(&store));
+        assert!(settled(&mut watcher, &store));
         assert!(store.read(|s| s.policies().get("demo/p2").is_some()));
         assert_eq!(status.borrow().applied, 2);
 
         // A broken policy: refused, and the deny stays.
         std::fs::write(&path, deny_all("p2").replace("DENY", "DENIED")).unwrap();
-        assert!(watcher.poll(&store));
+        assert!(settled(&mut watcher, &store));
         let now = status.borrow().clone();
         assert_eq!(now.rejected, 1);
         let error = now.last_error.unwrap();
@@ -175,12 +197,53 @@ mod tests {
 
         // A file that vanishes is refused too; the state stays.
         std::fs::remove_file(&path).unwrap();
-        assert!(watcher.poll(&store));
+        assert!(settled(&mut watcher, &store));
         assert_eq!(status.borrow().rejected, 2);
         assert!(store.read(|s| s.policies().get("demo/p2").is_some()));
         std::fs::write(&path, GOOD).unwrap();
-        assert!(watcher.poll(&store));
+        assert!(settled(&mut watcher, &store));
         assert!(store.read(|s| s.policies().is_empty()));
         assert_eq!(status.borrow().last_error, None);
+    }
+
+    #[test]
+    fn a_read_between_truncate_and_write_is_never_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, deny_all("p")).unwrap();
+        let mut watcher = Watcher::new(&path);
+        let store = xds::Store::new(xds::local::load(&path).unwrap().into_state());
+        let status = watcher.status();
+        let in_force =
+            || store.read(|s| s.workloads().count() == 1 && s.policies().get("demo/p").is_some());
+
+        // Truncated (an empty mesh) and cut off inside the policy list (valid YAML, no policy):
+        // each read once, then the writer finishes with the same content.
+        for torn in ["", GOOD] {
+            std::fs::write(&path, torn).unwrap();
+            assert!(!watcher.poll(&store));
+            std::fs::write(&path, deny_all("p")).unwrap();
+            assert!(!watcher.poll(&store));
+            assert!(!watcher.poll(&store));
+            assert!(in_force(), "torn read {torn:?} was applied");
+        }
+        // A writer that finishes with new content: taken once it reads the same twice.
+        std::fs::write(&path, "").unwrap();
+        assert!(!watcher.poll(&store));
+        std::fs::write(&path, deny_all("q")).unwrap();
+        assert!(settled(&mut watcher, &store));
+        assert!(store.read(|s| s.policies().get("demo/q").is_some()));
+        // An empty file that stays empty is an edit like any other.
+        std::fs::write(&path, "").unwrap();
+        assert!(settled(&mut watcher, &store));
+        assert!(store.read(|s| s.policies().is_empty() && s.workloads().count() == 0));
+        assert_eq!(
+            *status.borrow(),
+            Status {
+                applied: 2,
+                rejected: 0,
+                last_error: None
+            }
+        );
     }
 }

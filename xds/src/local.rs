@@ -58,11 +58,20 @@ impl From<Mesh> for State {
 
 /// Reads and validates the mesh file at `path`.
 pub fn load(path: &Path) -> Result<Mesh, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let mesh = parse_text(&text).map_err(|mut invalid| {
+    parse_file(path, &bytes)
+}
+
+/// Validates `bytes`, read from the mesh file at `path` (named in errors).
+pub fn parse_file(path: &Path, bytes: &[u8]) -> Result<Mesh, LoadError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| LoadError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let mesh = parse_text(text).map_err(|mut invalid| {
         invalid.file = Some(path.to_owned());
         invalid
     })?;
@@ -76,6 +85,50 @@ pub fn load(path: &Path) -> Result<Mesh, LoadError> {
 /// Validates mesh file text. Empty text or `{}` is an empty mesh.
 pub fn parse(text: &str) -> Result<Mesh, LoadError> {
     Ok(parse_text(text)?)
+}
+
+/// Follows a file that is edited in place. A writer truncates the file and then writes it, so a
+/// read can land in between and find it empty or cut off, which may well parse (an empty file is
+/// an empty mesh). An edit is therefore taken only once two consecutive reads agree: it costs
+/// one poll interval per edit, and a torn read is never served.
+#[derive(Debug, Default)]
+pub struct Settle {
+    /// The content in force (`None`: the file could not be read).
+    taken: Option<Vec<u8>>,
+    /// What the last read found.
+    seen: Option<Vec<u8>>,
+}
+
+impl Settle {
+    /// Starts from `taken`, the content already in force.
+    pub fn new(taken: Option<Vec<u8>>) -> Self {
+        Self {
+            seen: taken.clone(),
+            taken,
+        }
+    }
+
+    /// Whether the last read differed from the content in force, so the next read decides.
+    pub fn pending(&self) -> bool {
+        self.seen != self.taken
+    }
+
+    /// Offers what one read found (`None`: unreadable). Returns true when it differs from the
+    /// content in force and the previous read found the same: it is then in force
+    /// ([`Settle::taken`]).
+    pub fn offer(&mut self, read: Option<Vec<u8>>) -> bool {
+        if read == self.taken || read != self.seen {
+            self.seen = read;
+            return false;
+        }
+        self.taken = read;
+        true
+    }
+
+    /// The content in force.
+    pub fn taken(&self) -> Option<&[u8]> {
+        self.taken.as_deref()
+    }
 }
 
 fn parse_text(text: &str) -> Result<Mesh, Box<Invalid>> {

@@ -147,8 +147,10 @@ pub fn mesh_snapshot(path: &Path) -> Result<Snapshot, crate::local::LoadError> {
 }
 
 /// Publishes the mesh file at `path` to `source` whenever its content
-/// changes (checked every `poll`), until `shutdown`. A version that fails to
-/// load is logged and the last good one stays served.
+/// changes (checked every `poll`; an edit is published once two reads in a
+/// row agree, see [`crate::local::Settle`]), until `shutdown`. A version that
+/// fails to load is logged and the last good one stays served. The first
+/// settled read is published whatever `source` held before.
 pub async fn follow_mesh_file(
     path: PathBuf,
     source: Source,
@@ -156,29 +158,33 @@ pub async fn follow_mesh_file(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut last: Option<Vec<u8>> = None;
+    let mut settle = crate::local::Settle::default();
+    // The first tick is at once.
+    let mut ticks = tokio::time::interval(poll);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match tokio::fs::read(&path).await {
-            Ok(bytes) if last.as_ref() != Some(&bytes) => {
-                match mesh_snapshot(&path) {
-                    Ok(snapshot) => {
-                        tracing::info!(path = %path.display(), "serving the mesh file");
-                        source.publish(snapshot);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "mesh file rejected; still serving the previous one")
-                    }
-                }
-                last = Some(bytes);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the mesh file")
-            }
-        }
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = tokio::time::sleep(poll) => {}
+            _ = ticks.tick() => {}
+        }
+        let read = tokio::fs::read(&path).await;
+        let error = read.as_ref().err().map(ToString::to_string);
+        if !settle.offer(read.ok()) {
+            continue;
+        }
+        let Some(bytes) = settle.taken() else {
+            let error = error.unwrap_or_default();
+            tracing::warn!(path = %path.display(), %error, "cannot read the mesh file; still serving the previous one");
+            continue;
+        };
+        match crate::local::parse_file(&path, bytes) {
+            Ok(mesh) => {
+                tracing::info!(path = %path.display(), "serving the mesh file");
+                source.publish(Snapshot::from_state(&mesh.into_state()));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mesh file rejected; still serving the previous one")
+            }
         }
     }
 }

@@ -555,3 +555,42 @@ fn cross_entry_errors_point_at_the_later_entry() {
     // The second workload's address is on line 9.
     assert_eq!(invalid.position.map(|p| p.line), Some(9), "{err}");
 }
+
+#[test]
+fn an_edit_is_taken_once_two_reads_agree() {
+    let read = |s: &str| Some(s.as_bytes().to_vec());
+    let mut settle = local::Settle::new(read("a"));
+    assert!(!settle.offer(read("a")), "the content in force is no edit");
+    assert!(!settle.pending());
+    // A torn read (truncated), then the finished write of the same content: nothing to take.
+    assert!(!settle.offer(read("")));
+    assert!(settle.pending());
+    assert!(!settle.offer(read("a")));
+    assert!(!settle.pending());
+    // A new content is taken on its second read, and only once.
+    assert!(!settle.offer(read("b")));
+    assert!(settle.offer(read("b")));
+    assert_eq!(settle.taken(), Some(&b"b"[..]));
+    assert!(!settle.offer(read("b")));
+    // Reads that keep changing are never taken; an unreadable file settles like content.
+    for s in ["c", "d", "e"] {
+        assert!(!settle.offer(read(s)));
+    }
+    assert!(!settle.offer(None));
+    assert!(settle.offer(None));
+    assert_eq!(settle.taken(), None);
+    // Starting from nothing (a follower's first reads), the first settled read is taken.
+    let mut fresh = local::Settle::default();
+    assert!(!fresh.offer(read("a")));
+    assert!(fresh.offer(read("a")));
+}
+
+#[test]
+fn parse_file_names_the_file_and_refuses_text_that_is_not_utf8() {
+    let path = Path::new("/etc/mesh.yaml");
+    let e = local::parse_file(path, b"workloads: [\n").unwrap_err();
+    assert!(e.to_string().contains("/etc/mesh.yaml:"), "{e}");
+    let e = local::parse_file(path, b"workloads: \xff\n").unwrap_err();
+    assert!(matches!(e, LoadError::Read { .. }), "{e}");
+    assert!(e.to_string().contains("/etc/mesh.yaml"), "{e}");
+}
