@@ -141,7 +141,8 @@ impl Net {
     }
 
     /// A listener with SO_REUSEADDR and SO_REUSEPORT (so a new agent can bind beside one that
-    /// is draining); in a pod, marked, IPv6-only for `::`, and transparent in tproxy mode.
+    /// is draining) and TCP_NODELAY (for the sockets it accepts); in a pod, marked, IPv6-only
+    /// for `::`, and transparent in tproxy mode.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let Net::Pod(pod) = self else {
             return crate::proxy::bind(addr);
@@ -149,6 +150,7 @@ impl Net {
         let socket = pod.socket(Domain::for_address(addr))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
+        socket.set_tcp_nodelay(true)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }

@@ -123,7 +123,7 @@ pub(crate) fn bind_source<S: std::os::fd::AsFd>(socket: &S, ip: IpAddr) -> io::R
 }
 
 /// Binds a listener with SO_REUSEADDR and SO_REUSEPORT, so a new agent can bind beside one
-/// that is draining.
+/// that is draining, and TCP_NODELAY for the sockets it accepts ([`serve`]).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -132,23 +132,24 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }
 
-/// The original destination of a captured connection: `SO_ORIGINAL_DST` when NAT redirected
-/// it, else the address it was accepted on.
-pub fn orig_dst(stream: &TcpStream) -> io::Result<OrigDstAddr> {
+/// The original destination of a captured connection from `peer`: `SO_ORIGINAL_DST` when NAT
+/// redirected it, else the address it was accepted on (TPROXY). The socket's family is the
+/// peer's, so the REDIRECT case costs one system call.
+pub fn orig_dst(stream: &TcpStream, peer: PeerAddr) -> io::Result<OrigDstAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr()?;
-    let original = if local.is_ipv4() {
+    let original = if peer.0.is_ipv4() {
         sock.original_dst_v4()
     } else {
         sock.original_dst_v6()
     };
     match original.ok().and_then(|a| a.as_socket()) {
         Some(addr) => Ok(OrigDstAddr(addr)),
-        None => Ok(OrigDstAddr(local)),
+        None => Ok(OrigDstAddr(stream.local_addr()?)),
     }
 }
 
@@ -171,13 +172,19 @@ pub(crate) async fn keepalive(mut pings: h2::PingPong, interval: Duration, timeo
 /// task, which holds a drain watch until it ends and is abandoned when the drain deadline
 /// passes.
 /// Accepted sockets get `TCP_NODELAY`: the agent writes what it has as soon as it has it, so
-/// small replies are not held back by Nagle's algorithm.
+/// small replies are not held back by Nagle's algorithm. Linux copies it from the listener
+/// to each socket as the connection arrives, so the agent's listeners ([`bind`],
+/// [`Net::listen`](crate::netns::Net::listen)) have it from their creation, and only sockets
+/// from a listener without it get it one by one.
 pub async fn serve<F, Fut>(listener: TcpListener, drain: crate::drain::Watch, handler: F)
 where
     F: Fn(TcpStream, PeerAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
+    let inherited = socket2::SockRef::from(&listener)
+        .tcp_nodelay()
+        .unwrap_or(false);
     let running = Arc::new(Running::default());
     loop {
         let accepted = tokio::select! {
@@ -186,7 +193,9 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                if !inherited {
+                    let _ = stream.set_nodelay(true);
+                }
                 let conn = handler(stream, PeerAddr(peer));
                 // The entry exists before the task, so a task that ends at once finds it to
                 // remove; its handle is filled in after the spawn (not under the lock: a
@@ -376,6 +385,34 @@ mod tests {
         // Not rehashed to a few buckets (`capacity` also counts out the removed entries'
         // tombstones, so it is not exact).
         assert!(small.capacity() > 500, "{}", small.capacity());
+    }
+
+    /// Every accepted socket has `TCP_NODELAY`, from the listener (no call per connection), and
+    /// `orig_dst` falls back to the accepted address when nothing redirected the connection.
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_and_their_own_address_as_destination() {
+        // The agent's listener (it has TCP_NODELAY) and a plain one.
+        for listener in [
+            bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        ] {
+            let addr = listener.local_addr().unwrap();
+            // Queued before `serve` runs.
+            let _early = TcpStream::connect(addr).await.unwrap();
+            let (_trigger, watch) = crate::drain::channel();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let server = tokio::spawn(serve(listener, watch, move |stream, peer| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((stream.nodelay().unwrap(), orig_dst(&stream, peer).unwrap()));
+                }
+            }));
+            let _late = TcpStream::connect(addr).await.unwrap();
+            for _ in 0..2 {
+                assert_eq!(rx.recv().await, Some((true, OrigDstAddr(addr))));
+            }
+            server.abort();
+        }
     }
 
     /// A connection that would run forever holds the drain open until the deadline, then its

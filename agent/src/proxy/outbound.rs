@@ -109,7 +109,7 @@ pub fn handle(
     peer: PeerAddr,
 ) -> impl Future<Output = ()> + Send {
     super::Phases::new(async move {
-        let dst = match super::orig_dst(&client) {
+        let dst = match super::orig_dst(&client, peer) {
             Ok(dst) => dst,
             Err(e) => {
                 tracing::warn!(src = %peer.0, error = %e, "cannot read the original destination");

@@ -28,7 +28,7 @@ pub fn handle(
 ) -> impl Future<Output = ()> + Send {
     super::Phases::new(async move {
         let started = Started::now();
-        let dst = super::orig_dst(&client).ok()?.0;
+        let dst = super::orig_dst(&client, peer).ok()?.0;
         let refused = |error: String| {
             copy::reset(&client);
             let direction = Direction::InboundPlaintext;
