@@ -16,6 +16,7 @@ pub mod demo;
 pub mod drain;
 pub mod enrollment;
 pub mod events;
+pub mod logs;
 pub mod mesh;
 pub mod netns;
 pub mod proxy;

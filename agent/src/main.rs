@@ -19,7 +19,10 @@ const DECAY_EVERY: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The agent's lines go through a writer thread of their own (`agent::logs`); the other
+    // commands are short or interactive and write theirs straight away.
+    let buffered = matches!(cli.command, Command::Run(_));
+    let flush = init_logging(cli.log_format, buffered);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(flush_thread_cache)
@@ -64,6 +67,10 @@ fn main() -> ExitCode {
             }) => agent::ca::issue(&dir, &identity, &out, ttl),
         }
     });
+    // What the runtime's tasks logged as they stopped, then every buffered line, before the
+    // error.
+    drop(runtime);
+    drop(flush);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -149,16 +156,29 @@ fn mallctl_run(name: &'static [u8]) -> Result<(), std::ffi::c_int> {
     if code == 0 { Ok(()) } else { Err(code) }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, through [`agent::logs`] when `buffered`; the returned guard writes what is
+/// left when dropped.
+fn init_logging(format: LogFormat, buffered: bool) -> Option<agent::logs::Flush> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let direct = || BoxMakeWriter::new(std::io::stderr);
+    let (writer, flush) = match buffered.then(|| agent::logs::Lines::start(std::io::stderr())) {
+        Some(Ok((lines, flush))) => (BoxMakeWriter::new(lines), Some(flush)),
+        Some(Err(e)) => {
+            eprintln!("warning: cannot start the log writer thread ({e}); logging directly");
+            (direct(), None)
+        }
+        None => (direct(), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    flush
 }
 
 #[cfg(test)]

@@ -227,8 +227,7 @@ fn run_serves_until_sigterm_then_exits_cleanly() {
     )
     .unwrap();
     let state = dir.path().join("state");
-    // A file, not a pipe: nobody reads a pipe while the agent runs, and a full one would
-    // block its logging.
+    // A file, for the failure messages (a pipe nobody reads is the next test's case).
     let log = dir.path().join("agent.log");
     let mut child = Command::new(BIN)
         .args([
@@ -284,4 +283,123 @@ fn run_serves_until_sigterm_then_exits_cleanly() {
         state.join("root-cert.pem").exists(),
         "root created on first run"
     );
+}
+
+/// Kills and reaps the child when the test ends, also when it fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Its stderr is a pipe nobody reads until the end (as a stalled container runtime would):
+/// thousands of connections, each logging a line, still go through, and the lines that did
+/// not fit are counted in the log once it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_keeps_serving_while_nobody_reads_its_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    // A subnet of its own: the client workload, the SOCKS5 listener, and a server outside the
+    // mesh (so connections pass through in plain TCP).
+    std::fs::write(
+        &mesh,
+        "workloads:\n  - name: a\n    namespace: demo\n    addresses: [127.0.78.2]\n    node: n1\n",
+    )
+    .unwrap();
+    let socks: std::net::SocketAddr = "127.0.78.1:1080".parse().unwrap();
+    let server = tokio::net::TcpListener::bind("127.0.78.9:0").await.unwrap();
+    let dst = server.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = server.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).await.is_ok() {
+                    let _ = s.write_all(&b).await;
+                }
+            });
+        }
+    });
+    let state = dir.path().join("state");
+    let mut child = Reaped(
+        Command::new(BIN)
+            .args(["run", "--mesh", mesh.to_str().unwrap(), "--node", "n1"])
+            .args([
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--drain-deadline",
+                "2s",
+            ])
+            .args([
+                "--readiness-address",
+                "127.0.0.1:0",
+                "--socks5",
+                "127.0.78.1:1080",
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = child.0.stderr.take().unwrap();
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(socks).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no SOCKS5 listener"
+        );
+        assert!(child.0.try_wait().unwrap().is_none(), "the agent exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ~250 bytes of log each: the 64 KiB pipe is full after a few hundred, the agent's
+    // 1 MiB buffer after ~4,000.
+    let connections = |n: usize| async move {
+        for _ in 0..n {
+            let mut s = agent::proxy::socks5::connect(socks, "127.0.78.2".parse().unwrap(), dst)
+                .await
+                .unwrap()
+                .expect("SOCKS5 connect");
+            s.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+        }
+    };
+    let all = async {
+        tokio::join!(
+            connections(1500),
+            connections(1500),
+            connections(1500),
+            connections(1500)
+        )
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("connections stalled while the log was not read");
+    echo.abort();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let log = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+    let dropped = log.lines().find(|l| l.contains("log lines dropped"));
+    assert!(
+        dropped.is_some(),
+        "no report of dropped lines in {} bytes of log",
+        log.len()
+    );
+    assert!(log.contains("connection complete"));
 }
