@@ -76,9 +76,7 @@ impl Lines {
         };
         Ok((lines, flush))
     }
-}
 
-impl Lines {
     /// Lines dropped since the start, because the buffer was full.
     pub fn dropped(&self) -> u64 {
         self.shared.lock().dropped
