@@ -31,7 +31,7 @@ use serde::Serialize;
 use bed::{Bed, Lane};
 use load::{Direction, Interrupt};
 use report::{Data, IdleStep, Machine, QuietStep, Sample, Unit};
-use usage::Process;
+use usage::{Cpu, Process};
 
 /// Ping-pong message sizes, bytes.
 pub const PING_PONG_SIZES: [usize; 2] = [64, 1024];
@@ -522,8 +522,13 @@ fn headline(data: &Data) -> String {
     }
 }
 
-fn cpu_delta(before: &[f64], after: &[f64]) -> Vec<f64> {
-    before.iter().zip(after).map(|(b, a)| a - b).collect()
+/// Each agent's CPU seconds between two readings: in all, and of them in the kernel.
+fn cpu_delta(before: &[Cpu], after: &[Cpu]) -> (Vec<f64>, Vec<f64>) {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a.total() - b.total(), a.system_s - b.system_s))
+        .unzip()
 }
 
 fn sample(
@@ -555,11 +560,13 @@ fn sample(
                 interrupt,
                 meter,
             )?;
+            let (agent_cpu_s, agent_system_cpu_s) = cpu_delta(&a0, &a1);
             Data::Throughput {
                 bytes: moved.bytes,
                 seconds: moved.seconds,
                 bytes_per_s: moved.bytes as f64 / moved.seconds,
-                agent_cpu_s: cpu_delta(&a0, &a1),
+                agent_cpu_s,
+                agent_system_cpu_s,
                 generator_cpu_s: g1 - g0,
             }
         }
@@ -583,12 +590,14 @@ fn sample(
                 interrupt,
                 meter,
             )?;
+            let (agent_cpu_s, agent_system_cpu_s) = cpu_delta(&a0, &a1);
             Data::ConnRate {
                 conns: c.conns,
                 errors: c.errors,
                 seconds: c.seconds,
                 conns_per_s: c.conns as f64 / c.seconds,
-                agent_cpu_s: cpu_delta(&a0, &a1),
+                agent_cpu_s,
+                agent_system_cpu_s,
                 generator_cpu_s: g1 - g0,
                 latency_ns: c.latency_ns,
             }

@@ -18,6 +18,24 @@ fn cases_of(samples: &[Value], mode: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// One CPU reading per agent, and its kernel part within it (both are counted in clock
+/// ticks, so allow one).
+fn check_agent_cpu(d: &Value, agents: usize) -> anyhow::Result<()> {
+    let all = d["agent_cpu_s"].as_array().context("agent_cpu_s")?;
+    let kernel = d["agent_system_cpu_s"]
+        .as_array()
+        .context("agent_system_cpu_s")?;
+    ensure!(all.len() == agents && kernel.len() == agents, "{d}");
+    for (a, k) in all.iter().zip(kernel) {
+        let (a, k) = (a.as_f64().context("cpu")?, k.as_f64().context("cpu")?);
+        ensure!(
+            (0.0..=a + 0.011).contains(&k),
+            "kernel {k} of {a} CPU-s: {d}"
+        );
+    }
+    Ok(())
+}
+
 fn check_sample(s: &Value) -> anyhow::Result<()> {
     let data = s["data"].as_object().context("data is an object")?;
     let (kind, d) = data.iter().next().context("data names its kind")?;
@@ -25,7 +43,7 @@ fn check_sample(s: &Value) -> anyhow::Result<()> {
     match kind.as_str() {
         "throughput" => {
             ensure!(d["bytes_per_s"].as_f64() > Some(0.0), "no throughput: {s}");
-            ensure!(d["agent_cpu_s"].as_array().map(Vec::len) == Some(agents));
+            check_agent_cpu(d, agents)?;
         }
         "ping_pong" => {
             let rtt = d["rtt_ns"].as_array().context("rtt_ns")?;
@@ -37,7 +55,7 @@ fn check_sample(s: &Value) -> anyhow::Result<()> {
             ensure!(
                 d["latency_ns"].as_array().map(Vec::len) == d["conns"].as_u64().map(|n| n as usize)
             );
-            ensure!(d["agent_cpu_s"].as_array().map(Vec::len) == Some(agents));
+            check_agent_cpu(d, agents)?;
         }
         "agent_idle" => {
             let a = d["agents"].as_array().context("agents")?;

@@ -22,7 +22,7 @@ use anyhow::{Context, bail, ensure};
 
 use super::Mode;
 use super::load::{self, Interrupt, Server};
-use super::usage::{Process, Usage};
+use super::usage::{Cpu, Process, Usage};
 use crate::demo::process::{AgentProcess, Spec};
 use crate::demo::topology::{Pod, Topology};
 
@@ -234,11 +234,16 @@ impl Bed {
 }
 
 impl Lane {
-    /// CPU seconds of each agent now.
-    pub fn agent_cpu(&self) -> Vec<f64> {
+    /// CPU seconds of each agent now (NaN when unreadable, so the figure shows none).
+    pub fn agent_cpu(&self) -> Vec<Cpu> {
         self.agents
             .iter()
-            .map(|a| Process::Pid(a.pid()).cpu_s().unwrap_or(f64::NAN))
+            .map(|a| {
+                Process::Pid(a.pid()).cpu().unwrap_or(Cpu {
+                    user_s: f64::NAN,
+                    system_s: f64::NAN,
+                })
+            })
             .collect()
     }
 

@@ -36,6 +36,8 @@ pub enum Data {
         bytes_per_s: f64,
         /// CPU seconds of each agent (node-1, node-2) during the window.
         agent_cpu_s: Vec<f64>,
+        /// The part of `agent_cpu_s` in the kernel (system time).
+        agent_system_cpu_s: Vec<f64>,
         /// CPU seconds of the bench process (the load generator) during the window.
         generator_cpu_s: f64,
     },
@@ -48,6 +50,7 @@ pub enum Data {
         seconds: f64,
         conns_per_s: f64,
         agent_cpu_s: Vec<f64>,
+        agent_system_cpu_s: Vec<f64>,
         generator_cpu_s: f64,
         latency_ns: Vec<u64>,
     },
@@ -238,6 +241,14 @@ fn sum(v: &[f64]) -> f64 {
     v.iter().sum()
 }
 
+/// The row under each agent CPU figure: system time, i.e. system calls and the network
+/// stack's work done while an agent ran (without kTLS, the TLS records are user time).
+const KERNEL_LABEL: &str = "  of which in the kernel";
+
+fn kernel_key(kernel: bool) -> &'static str {
+    if kernel { "kernel_" } else { "" }
+}
+
 fn defs(idle_conns: &[usize], quiet_for: Duration) -> Vec<Def> {
     let mut defs = Vec::new();
     for (n, dir) in THROUGHPUT {
@@ -306,44 +317,74 @@ fn defs(idle_conns: &[usize], quiet_for: Duration) -> Vec<Def> {
             });
         }
     }
+    // Each CPU row, then the part of it the kernel ran on the agents' behalf.
     for (n, dir) in THROUGHPUT {
-        defs.push(Def {
-            key: format!("agent_cpu_per_gb_{n}_{}", dir.label()),
-            label: format!("agent CPU per GB, {}, {}", streams(n), dir.arrow()),
-            unit: Unit::CpuSPerGb,
-            case: Case::Throughput {
-                streams: n,
-                direction: dir,
-            },
-            read: Box::new(|d| match d {
-                Data::Throughput {
-                    bytes, agent_cpu_s, ..
-                } if !agent_cpu_s.is_empty() && *bytes > 0 => {
-                    Some(sum(agent_cpu_s) / (*bytes as f64 / 1e9))
-                }
-                _ => None,
-            }),
-            ratio: false,
-            target: Some(Target::AtMost(0.5)),
-        });
+        let case = Case::Throughput {
+            streams: n,
+            direction: dir,
+        };
+        for kernel in [false, true] {
+            defs.push(Def {
+                key: format!("agent_{}cpu_per_gb_{n}_{}", kernel_key(kernel), dir.label()),
+                label: if kernel {
+                    KERNEL_LABEL.to_owned()
+                } else {
+                    format!("agent CPU per GB, {}, {}", streams(n), dir.arrow())
+                },
+                unit: Unit::CpuSPerGb,
+                case,
+                read: Box::new(move |d| match d {
+                    Data::Throughput {
+                        bytes,
+                        agent_cpu_s,
+                        agent_system_cpu_s,
+                        ..
+                    } if !agent_cpu_s.is_empty() && *bytes > 0 => {
+                        let cpu = if kernel {
+                            agent_system_cpu_s
+                        } else {
+                            agent_cpu_s
+                        };
+                        Some(sum(cpu) / (*bytes as f64 / 1e9))
+                    }
+                    _ => None,
+                }),
+                ratio: false,
+                target: (!kernel).then_some(Target::AtMost(0.5)),
+            });
+        }
     }
     for n in super::CONN_THREADS {
-        defs.push(Def {
-            key: format!("agent_cpu_per_1k_conns_{n}"),
-            label: format!("agent CPU per 1,000 connections, {}", threads(n)),
-            unit: Unit::CpuSPer1kConns,
-            case: Case::ConnRate { threads: n },
-            read: Box::new(|d| match d {
-                Data::ConnRate {
-                    conns, agent_cpu_s, ..
-                } if !agent_cpu_s.is_empty() && *conns > 0 => {
-                    Some(sum(agent_cpu_s) / (*conns as f64 / 1000.0))
-                }
-                _ => None,
-            }),
-            ratio: false,
-            target: None,
-        });
+        for kernel in [false, true] {
+            defs.push(Def {
+                key: format!("agent_{}cpu_per_1k_conns_{n}", kernel_key(kernel)),
+                label: if kernel {
+                    KERNEL_LABEL.to_owned()
+                } else {
+                    format!("agent CPU per 1,000 connections, {}", threads(n))
+                },
+                unit: Unit::CpuSPer1kConns,
+                case: Case::ConnRate { threads: n },
+                read: Box::new(move |d| match d {
+                    Data::ConnRate {
+                        conns,
+                        agent_cpu_s,
+                        agent_system_cpu_s,
+                        ..
+                    } if !agent_cpu_s.is_empty() && *conns > 0 => {
+                        let cpu = if kernel {
+                            agent_system_cpu_s
+                        } else {
+                            agent_cpu_s
+                        };
+                        Some(sum(cpu) / (*conns as f64 / 1000.0))
+                    }
+                    _ => None,
+                }),
+                ratio: false,
+                target: None,
+            });
+        }
     }
     for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
         defs.push(Def {

@@ -1,4 +1,4 @@
-//! What a process uses, from `/proc`: CPU time (user + system, including exited threads),
+//! What a process uses, from `/proc`: CPU time (user and system, including exited threads),
 //! resident memory, open file descriptors. The agents are separate processes, so their
 //! figures hold nothing of the load generator.
 
@@ -20,6 +20,20 @@ pub struct Usage {
     pub fds: u64,
 }
 
+/// CPU seconds a process used so far: in its own code, and in the kernel on its behalf
+/// (system calls, and the network stack's work the kernel did while it ran).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cpu {
+    pub user_s: f64,
+    pub system_s: f64,
+}
+
+impl Cpu {
+    pub fn total(self) -> f64 {
+        self.user_s + self.system_s
+    }
+}
+
 /// Which process: `self` or a PID.
 #[derive(Debug, Clone, Copy)]
 pub enum Process {
@@ -37,6 +51,11 @@ impl Process {
 
     /// CPU seconds (user + system) so far.
     pub fn cpu_s(self) -> io::Result<f64> {
+        Ok(self.cpu()?.total())
+    }
+
+    /// User and system CPU seconds so far.
+    pub fn cpu(self) -> io::Result<Cpu> {
         let stat = std::fs::read_to_string(self.dir().join("stat"))?;
         cpu_from_stat(&stat, clock_ticks())
     }
@@ -81,9 +100,9 @@ fn malformed(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("malformed {what}"))
 }
 
-/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in seconds. The command name
-/// (field 2) may hold spaces and parentheses, so fields are counted after its last `)`.
-fn cpu_from_stat(stat: &str, ticks_per_s: f64) -> io::Result<f64> {
+/// utime and stime (fields 14 and 15) of a `/proc/PID/stat` line, in seconds. The command
+/// name (field 2) may hold spaces and parentheses, so fields are counted after its last `)`.
+fn cpu_from_stat(stat: &str, ticks_per_s: f64) -> io::Result<Cpu> {
     let rest = &stat[stat.rfind(')').ok_or_else(|| malformed("/proc stat"))? + 1..];
     // After the name: state is field 3, so utime (14) is the 12th token here.
     let mut fields = rest.split_whitespace().skip(11);
@@ -94,7 +113,10 @@ fn cpu_from_stat(stat: &str, ticks_per_s: f64) -> io::Result<f64> {
             .ok_or_else(|| malformed("/proc stat"))
     };
     let (utime, stime) = (next()?, next()?);
-    Ok((utime + stime) as f64 / ticks_per_s)
+    Ok(Cpu {
+        user_s: utime as f64 / ticks_per_s,
+        system_s: stime as f64 / ticks_per_s,
+    })
 }
 
 /// A `Key:   123 kB` line of `/proc/PID/status`, in KiB.
@@ -114,7 +136,8 @@ mod tests {
     fn stat_fields_are_counted_after_the_name() {
         let stat =
             "4242 (amb (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
-        assert_eq!(cpu_from_stat(stat, 100.0).unwrap(), 3.0);
+        let cpu = cpu_from_stat(stat, 100.0).unwrap();
+        assert_eq!((cpu.user_s, cpu.system_s, cpu.total()), (2.5, 0.5, 3.0));
         assert!(cpu_from_stat("4242 no name", 100.0).is_err());
         assert!(cpu_from_stat("1 (x) S 1 2", 100.0).is_err());
     }

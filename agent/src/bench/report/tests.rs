@@ -20,11 +20,13 @@ fn sample(mode: Mode, repeat: usize, case: Case, data: Data) -> Sample {
     }
 }
 
+/// The agents spent three quarters of their CPU in the kernel.
 fn throughput(bytes_per_s: f64, agent_cpu_s: Vec<f64>) -> Data {
     Data::Throughput {
         bytes: (bytes_per_s * 2.0) as u64,
         seconds: 2.0,
         bytes_per_s,
+        agent_system_cpu_s: agent_cpu_s.iter().map(|c| c * 0.75).collect(),
         agent_cpu_s,
         generator_cpu_s: 0.5,
     }
@@ -135,6 +137,37 @@ fn value(f: &Figure, mode: Mode) -> Option<f64> {
     f.values.iter().find(|(m, _)| *m == mode).unwrap().1
 }
 
+/// CPU per 1,000 connections sums the agents, in all and in the kernel.
+#[test]
+fn connection_cpu_is_per_thousand_connections_with_the_kernel_part() {
+    let conns = Data::ConnRate {
+        conns: 4000,
+        errors: 0,
+        seconds: 2.0,
+        conns_per_s: 2000.0,
+        agent_cpu_s: vec![1.0, 1.4],
+        agent_system_cpu_s: vec![0.7, 1.1],
+        generator_cpu_s: 0.3,
+        latency_ns: vec![100_000; 4000],
+    };
+    let samples = [sample(Mode::Mesh, 1, Case::ConnRate { threads: 1 }, conns)];
+    let figures = figures(&samples, &[Mode::Mesh], &[], QUIET);
+    let all = value(figure(&figures, "agent_cpu_per_1k_conns_1"), Mode::Mesh).unwrap();
+    let kernel = value(
+        figure(&figures, "agent_kernel_cpu_per_1k_conns_1"),
+        Mode::Mesh,
+    )
+    .unwrap();
+    assert!(
+        (all - 0.6).abs() < 1e-9 && (kernel - 0.45).abs() < 1e-9,
+        "{all} {kernel}"
+    );
+    assert_eq!(
+        value(figure(&figures, "agent_cpu_per_1k_conns_4"), Mode::Mesh),
+        None
+    );
+}
+
 #[test]
 fn figures_are_medians_over_repeats_with_ratios_and_targets() {
     let figures = figures(&samples(), &[Mode::Direct, Mode::Mesh], &[1024], QUIET);
@@ -163,6 +196,17 @@ fn figures_are_medians_over_repeats_with_ratios_and_targets() {
     assert_eq!(value(cpu, Mode::Direct), None);
     assert!(cpu.ratios.is_empty());
     assert_eq!(cpu.met, Some(false));
+    // The row under it: the kernel's part, with no target of its own.
+    let kernel = figure(&figures, "agent_kernel_cpu_per_gb_1_up");
+    let per_gb = value(kernel, Mode::Mesh).unwrap();
+    assert!((per_gb - 0.225 / 0.14).abs() < 1e-9, "{per_gb}");
+    assert_eq!((kernel.target, kernel.met), (None, None));
+    assert_eq!(kernel.label, "  of which in the kernel");
+    let at = |key: &str| figures.iter().position(|f| f.key == key).unwrap();
+    assert_eq!(
+        at("agent_kernel_cpu_per_gb_1_up"),
+        at("agent_cpu_per_gb_1_up") + 1
+    );
 
     // A failed sample gives no value.
     assert_eq!(value(figure(&figures, "conn_rate_1"), Mode::Mesh), None);
