@@ -249,6 +249,13 @@ fn kernel_key(kernel: bool) -> &'static str {
     if kernel { "kernel_" } else { "" }
 }
 
+/// The agents' CPU seconds, in all or the kernel's part, per unit of `work` (GB moved,
+/// thousands of connections); none without agents or work.
+fn cpu_per(all: &[f64], kernel_part: &[f64], kernel: bool, work: f64) -> Option<f64> {
+    let cpu = if kernel { kernel_part } else { all };
+    (!all.is_empty() && work > 0.0).then(|| sum(cpu) / work)
+}
+
 fn defs(idle_conns: &[usize], quiet_for: Duration) -> Vec<Def> {
     let mut defs = Vec::new();
     for (n, dir) in THROUGHPUT {
@@ -339,14 +346,7 @@ fn defs(idle_conns: &[usize], quiet_for: Duration) -> Vec<Def> {
                         agent_cpu_s,
                         agent_system_cpu_s,
                         ..
-                    } if !agent_cpu_s.is_empty() && *bytes > 0 => {
-                        let cpu = if kernel {
-                            agent_system_cpu_s
-                        } else {
-                            agent_cpu_s
-                        };
-                        Some(sum(cpu) / (*bytes as f64 / 1e9))
-                    }
+                    } => cpu_per(agent_cpu_s, agent_system_cpu_s, kernel, *bytes as f64 / 1e9),
                     _ => None,
                 }),
                 ratio: false,
@@ -371,14 +371,12 @@ fn defs(idle_conns: &[usize], quiet_for: Duration) -> Vec<Def> {
                         agent_cpu_s,
                         agent_system_cpu_s,
                         ..
-                    } if !agent_cpu_s.is_empty() && *conns > 0 => {
-                        let cpu = if kernel {
-                            agent_system_cpu_s
-                        } else {
-                            agent_cpu_s
-                        };
-                        Some(sum(cpu) / (*conns as f64 / 1000.0))
-                    }
+                    } => cpu_per(
+                        agent_cpu_s,
+                        agent_system_cpu_s,
+                        kernel,
+                        *conns as f64 / 1000.0,
+                    ),
                     _ => None,
                 }),
                 ratio: false,
