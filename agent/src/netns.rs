@@ -56,7 +56,12 @@ pub struct PodNet {
     transparent_listeners: bool,
     /// Set once delivery had to fall back to the pod's own source address.
     fallback_logged: AtomicBool,
+    /// Set once the pod's listeners were made to hand their queues on when they close.
+    migration_set: AtomicBool,
 }
+
+/// The sysctl, as seen by a thread inside the namespace.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
 impl PodNet {
     pub fn open(
@@ -76,6 +81,7 @@ impl PodNet {
             mark,
             transparent_listeners,
             fallback_logged: AtomicBool::new(false),
+            migration_set: AtomicBool::new(false),
         })
     }
 
@@ -83,14 +89,10 @@ impl PodNet {
         &self.path
     }
 
-    /// A non-blocking TCP socket created inside the pod's namespace, not yet marked.
-    pub fn raw_socket(&self, domain: Domain) -> io::Result<Socket> {
+    /// Runs `f` on this thread inside the pod's namespace, and switches straight back.
+    fn within<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let socket = Socket::new(
-            domain,
-            Type::STREAM.nonblocking().cloexec(),
-            Some(Protocol::TCP),
-        );
+        let result = f();
         if let Err(err) = setns(&*self.home.0, CloneFlags::CLONE_NEWNET) {
             // This runtime thread would go on serving every other pod from inside this one's
             // namespace. Nothing sane continues from there: stop, and let the supervisor
@@ -102,7 +104,49 @@ impl PodNet {
             );
             std::process::abort();
         }
-        socket
+        Ok(result)
+    }
+
+    /// A non-blocking TCP socket created inside the pod's namespace, not yet marked.
+    pub fn raw_socket(&self, domain: Domain) -> io::Result<Socket> {
+        self.within(|| {
+            Socket::new(
+                domain,
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            )
+        })?
+    }
+
+    /// Turns on `net.ipv4.tcp_migrate_req` in the pod's namespace (Linux 5.14; it covers TCP
+    /// over IPv6 too), once per pod: when a listener of a SO_REUSEPORT group closes, the
+    /// connections queued on it — handshake done or under way, not yet accepted — move to
+    /// another listener of the group instead of being reset. An upgrade starts the new agent
+    /// beside the old one, and the old one closes its listeners as it drains: without this,
+    /// what was queued on them at that instant is lost.
+    fn migrate_queued_connections(&self) {
+        if self.migration_set.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let opened = self.within(|| std::fs::OpenOptions::new().write(true).open(MIGRATE_REQ));
+        let written = match opened {
+            Ok(Ok(mut file)) => std::io::Write::write_all(&mut file, b"1"),
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
+        if let Err(error) = written {
+            // Once per agent: on a kernel without it, every pod would say the same.
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if WARNED.swap(true, Ordering::Relaxed) {
+                return;
+            }
+            tracing::warn!(
+                netns = %self.path.display(),
+                %error,
+                "cannot turn on {MIGRATE_REQ}: connections queued on a listener when it \
+                 closes (an upgraded agent's old one draining) are reset instead of handed to \
+                 the new agent"
+            );
+        }
     }
 
     /// A TCP socket inside the pod's namespace carrying the agent's mark.
@@ -142,11 +186,13 @@ impl Net {
 
     /// A listener with SO_REUSEADDR and SO_REUSEPORT (so a new agent can bind beside one that
     /// is draining) and TCP_NODELAY (for the sockets it accepts); in a pod, marked, IPv6-only
-    /// for `::`, and transparent in tproxy mode.
+    /// for `::`, transparent in tproxy mode, and handing its queued connections to the new
+    /// agent's listener when it closes ([`PodNet::migrate_queued_connections`]).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let Net::Pod(pod) = self else {
             return crate::proxy::bind(addr);
         };
+        pod.migrate_queued_connections();
         let socket = pod.socket(Domain::for_address(addr))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;

@@ -5,12 +5,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agent::demo::topology::Namespace;
 use agent::netns::{Home, Net, PodNet};
 use agent::proxy::delivery;
 use socket2::Domain;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn root_or_skip(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -103,4 +106,61 @@ async fn pod_sockets_live_in_the_pod_and_carry_the_mark() {
          in the agent's namespace (socket() + SO_MARK + close) {direct:?}"
     );
     assert_eq!(thread_netns(), own);
+}
+
+/// An upgrade: the new agent's listener binds beside the old one's (SO_REUSEPORT), and the old
+/// one closes as it drains. The connections the kernel had queued on the old listener (the
+/// port's group spreads new connections over both) are handed to the new one, not reset —
+/// `tcp_migrate_req`, which the agent turns on in the pod. Without it about half of them
+/// would be lost here.
+#[tokio::test(flavor = "current_thread")]
+async fn connections_queued_on_a_closing_listener_go_to_the_new_agent() {
+    if !root_or_skip("connections_queued_on_a_closing_listener_go_to_the_new_agent") {
+        return;
+    }
+    let ns = Namespace::create("upgr").unwrap();
+    ns.ip(&["addr", "add", "198.19.9.2/32", "dev", "lo"])
+        .unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    let addr: SocketAddr = "0.0.0.0:15001".parse().unwrap();
+    let agent = || {
+        let pod = PodNet::open(&ns.path(), Home::current().unwrap(), 0x539, false).unwrap();
+        Net::Pod(Arc::new(pod))
+    };
+    let (old, new) = (agent(), agent());
+    let old_listener = old.listen(addr).unwrap();
+    let new_listener = new.listen(addr).unwrap();
+
+    // Connected, none accepted yet: they wait in the two listeners' queues.
+    let n = 32;
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let dst = "198.19.9.2:15001".parse().unwrap();
+        clients.push(ns.connect(dst, TIMEOUT).await.unwrap());
+    }
+    drop(old_listener);
+
+    let mut served = 0;
+    while served < n {
+        match tokio::time::timeout(Duration::from_millis(500), new_listener.accept()).await {
+            Ok(accepted) => {
+                let (mut conn, _) = accepted.unwrap();
+                conn.write_all(b"k").await.unwrap();
+                served += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        served, n,
+        "the new listener must get every connection queued on the one that closed"
+    );
+    for mut client in clients {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(TIMEOUT, client.read_exact(&mut byte))
+            .await
+            .expect("an answer in time")
+            .expect("the client's connection was not reset");
+        assert_eq!(&byte, b"k");
+    }
 }
