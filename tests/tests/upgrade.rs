@@ -118,8 +118,8 @@ async fn upgrade(cluster: &mut Cluster, n: usize, tally: &Tally) -> anyhow::Resu
     Ok(())
 }
 
-async fn scenario() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(&[&["a1"], &["b1"]], "nftables", "redirect").await?;
+async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&[&["a1"], &["b1"]], backend, inbound).await?;
     let b1 = cluster.topology.node(2).pod("b1");
     let dst = SocketAddr::new(IpAddr::V4(b1.ip), tests::netns::APP_PORT);
     let _app = App::start(&b1.ns)?;
@@ -149,7 +149,7 @@ async fn scenario() -> anyhow::Result<()> {
         failed.len() as u64 + ok,
         &failed[..failed.len().min(5)]
     );
-    eprintln!("{ok} connections through two agent upgrades, none failed");
+    eprintln!("{backend}/{inbound}: {ok} connections through two agent upgrades, none failed");
     drop(cluster);
     let left = leftovers()?;
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
@@ -157,8 +157,15 @@ async fn scenario() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrading_each_nodes_agent_drops_no_connection() {
-    if root_or_skip("upgrading_each_nodes_agent_drops_no_connection") {
-        scenario().await.unwrap();
+async fn nftables_redirect_upgrades_drop_no_connection() {
+    if root_or_skip("nftables_redirect_upgrades_drop_no_connection") {
+        scenario("nftables", "redirect").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_tproxy_upgrades_drop_no_connection() {
+    if root_or_skip("iptables_tproxy_upgrades_drop_no_connection") {
+        scenario("iptables", "tproxy").await.unwrap();
     }
 }
