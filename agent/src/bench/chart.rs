@@ -102,6 +102,16 @@ pub fn svg(figures: &[Figure], machine: &Machine) -> String {
                         BAR - 1.0,
                         colour(*m)
                     );
+                    // How far the ratio moved between repeats, across the bar.
+                    if let Some((_, Some((lo, hi)))) = f.ratio_ranges.get(j) {
+                        let _ = writeln!(
+                            out,
+                            r#"<line x1="{0:.1}" y1="{1:.1}" x2="{2:.1}" y2="{1:.1}" stroke="black" stroke-width="1.5"><title>{m} over the repeats: {lo:.2}x to {hi:.2}x</title></line>"#,
+                            x(*lo),
+                            by + (BAR - 1.0) / 2.0,
+                            x(*hi)
+                        );
+                    }
                     if *r > scale_max || j + 1 == f.ratios.len() || n == 1.0 {
                         let _ = writeln!(
                             out,

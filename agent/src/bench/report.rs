@@ -118,6 +118,11 @@ pub struct Figure {
     pub values: Vec<(Mode, Option<f64>)>,
     /// Value ÷ direct's, per mode other than direct; empty when the figure has no direct.
     pub ratios: Vec<(Mode, Option<f64>)>,
+    /// The lowest and highest of the ratios taken repeat by repeat (each mode ÷ direct of the
+    /// same repeat), per mode in `ratios`; `None` with fewer than two repeats measured in both.
+    /// How far the ratio moved between repeats: a difference between two runs within it is
+    /// noise.
+    pub ratio_ranges: Vec<(Mode, Option<(f64, f64)>)>,
     pub target: Option<Target>,
     /// Whether `mesh` meets the target; `None` when not measured.
     pub met: Option<bool>,
@@ -519,15 +524,15 @@ pub fn figures(
     defs(idle_conns, quiet_for)
         .into_iter()
         .filter_map(|def| {
+            let of = |m: Mode| {
+                samples
+                    .iter()
+                    .filter(move |s| s.mode == m && s.case == def.case)
+                    .filter_map(|s| Some((s.repeat, (def.read)(&s.data)?)))
+            };
             let values: Vec<(Mode, Option<f64>)> = modes
                 .iter()
-                .map(|&m| {
-                    let per_repeat = samples
-                        .iter()
-                        .filter(|s| s.mode == m && s.case == def.case)
-                        .filter_map(|s| (def.read)(&s.data));
-                    (m, stats::median(per_repeat))
-                })
+                .map(|&m| (m, stats::median(of(m).map(|(_, v)| v))))
                 .collect();
             // Agent figures need a mode with agents.
             if !def.ratio && modes.iter().all(|&m| m == Mode::Direct) {
@@ -546,6 +551,17 @@ pub fn figures(
             } else {
                 Vec::new()
             };
+            let ratio_ranges = ratios
+                .iter()
+                .map(|&(m, _)| {
+                    let direct: Vec<(usize, f64)> = of(Mode::Direct).collect();
+                    let per_repeat = of(m).filter_map(|(repeat, v)| {
+                        let (_, d) = direct.iter().find(|(r, _)| *r == repeat)?;
+                        stats::ratio(Some(v), Some(*d))
+                    });
+                    (m, stats::range(per_repeat))
+                })
+                .collect();
             let mesh_value = values
                 .iter()
                 .find(|(m, _)| *m == Mode::Mesh)
@@ -565,6 +581,7 @@ pub fn figures(
                 unit: def.unit,
                 values,
                 ratios,
+                ratio_ranges,
                 target: def.target,
                 met,
             })
@@ -597,11 +614,22 @@ fn format_target(unit: Unit, target: Target) -> String {
 /// mode other than direct, and the mesh target with whether it is met.
 pub fn table(figures: &[Figure], modes: &[Mode]) -> String {
     let has_direct = modes.contains(&Mode::Direct);
+    let mesh_range = |f: &Figure| {
+        f.ratio_ranges
+            .iter()
+            .find(|(m, _)| *m == Mode::Mesh)
+            .and_then(|(_, r)| *r)
+    };
+    // With one repeat there is no range to show.
+    let has_range = figures.iter().any(|f| mesh_range(f).is_some());
     let mut header = vec!["figure".to_owned()];
     for &m in modes {
         header.push(m.label().to_owned());
         if has_direct && m != Mode::Direct {
             header.push(format!("{}/direct", m.label()));
+        }
+        if m == Mode::Mesh && has_range {
+            header.push("repeats".to_owned());
         }
         if m == Mode::Mesh {
             header.push("mesh target".to_owned());
@@ -619,6 +647,11 @@ pub fn table(figures: &[Figure], modes: &[Mode]) -> String {
                     .find(|(rm, _)| *rm == m)
                     .and_then(|(_, r)| *r);
                 row.push(r.map_or_else(|| "-".into(), |r| format!("{r:.2}x")));
+            }
+            if m == Mode::Mesh && has_range {
+                row.push(
+                    mesh_range(f).map_or_else(String::new, |(lo, hi)| format!("{lo:.2}–{hi:.2}")),
+                );
             }
             if m == Mode::Mesh {
                 row.push(match (f.target, f.met) {

@@ -44,6 +44,17 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     })
 }
 
+/// The lowest and highest of `values` (finite ones), when there are at least two.
+pub fn range(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
+    let v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    if v.len() < 2 {
+        return None;
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((lo, hi))
+}
+
 /// `value / direct`, when both exist and `direct` is not zero.
 pub fn ratio(value: Option<f64>, direct: Option<f64>) -> Option<f64> {
     match (value, direct) {

@@ -175,6 +175,13 @@ fn figures_are_medians_over_repeats_with_ratios_and_targets() {
     assert_eq!(value(up, Mode::Direct), Some(200e6));
     assert_eq!(value(up, Mode::Mesh), Some(70e6));
     assert_eq!(up.ratios, vec![(Mode::Mesh, Some(0.35))]);
+    // Repeat by repeat: 50/100, 90/300, 70/200.
+    let (lo, hi) = up.ratio_ranges[0].1.unwrap();
+    assert_eq!(up.ratio_ranges[0].0, Mode::Mesh);
+    assert!(
+        (lo - 0.3).abs() < 1e-12 && (hi - 0.5).abs() < 1e-12,
+        "{lo} {hi}"
+    );
     assert_eq!(up.target, Some(Target::RatioAtLeast(0.40)));
     assert_eq!(up.met, Some(false));
     // Not measured: no value, no verdict.
@@ -186,6 +193,7 @@ fn figures_are_medians_over_repeats_with_ratios_and_targets() {
     assert_eq!(value(p50, Mode::Direct), Some(5000.0));
     assert_eq!(value(p50, Mode::Mesh), Some(10000.0));
     assert_eq!(p50.met, Some(true), "2x is within 3.3x");
+    assert_eq!(p50.ratio_ranges, vec![(Mode::Mesh, None)], "one repeat");
     let p999 = figure(&figures, "ping_pong_64_p999");
     assert_eq!(value(p999, Mode::Mesh), Some(19980.0));
 
@@ -277,7 +285,15 @@ fn table_has_a_column_per_mode_and_ratio_and_the_verdicts() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["figure", "direct", "mesh", "mesh/direct", "mesh", "target"]
+        [
+            "figure",
+            "direct",
+            "mesh",
+            "mesh/direct",
+            "repeats",
+            "mesh",
+            "target"
+        ]
     );
     assert!(lines[1].chars().all(|c| c == '-'));
     let up = lines
@@ -291,6 +307,7 @@ fn table_has_a_column_per_mode_and_ratio_and_the_verdicts() {
             "200 MB/s",
             "70 MB/s",
             "0.35x",
+            "0.30–0.50",
             "≥0.40x MISS"
         ]
     );
@@ -331,6 +348,32 @@ fn table_has_a_column_per_mode_and_ratio_and_the_verdicts() {
             .all(|l| l.chars().count() == width),
         "{table}"
     );
+}
+
+/// A repeat counts toward the range only with both modes measured in it; a table whose
+/// figures have one repeat each has no range column.
+#[test]
+fn ratio_ranges_pair_the_modes_repeat_by_repeat() {
+    let modes = [Mode::Direct, Mode::Mesh];
+    let mut s = vec![
+        sample(Mode::Direct, 1, UP1, throughput(100e6, Vec::new())),
+        sample(Mode::Mesh, 1, UP1, throughput(40e6, vec![0.1, 0.1])),
+        sample(Mode::Direct, 2, UP1, throughput(200e6, Vec::new())),
+        sample(Mode::Mesh, 2, UP1, throughput(60e6, vec![0.1, 0.1])),
+        // Repeat 3's direct sample failed: its mesh sample has nothing to be a ratio of.
+        sample(Mode::Direct, 3, UP1, Data::Failed { error: "x".into() }),
+        sample(Mode::Mesh, 3, UP1, throughput(190e6, vec![0.1, 0.1])),
+    ];
+    let up = |s: &[Sample]| {
+        figure(&figures(s, &modes, &[1024], QUIET), "throughput_1_up")
+            .ratio_ranges
+            .clone()
+    };
+    assert_eq!(up(&s), vec![(Mode::Mesh, Some((0.3, 0.4)))]);
+    s.retain(|x| x.repeat == 1);
+    assert_eq!(up(&s), vec![(Mode::Mesh, None)]);
+    let one = table(&figures(&s, &modes, &[1024], QUIET), &modes);
+    assert!(!one.lines().next().unwrap().contains("repeats"), "{one}");
 }
 
 #[test]
@@ -447,6 +490,9 @@ fn chart_draws_a_bar_per_ratio_and_a_mark_per_ratio_target() {
         .count();
     assert_eq!(measured, 5, "1-stream up and four ping-pong percentiles");
     assert_eq!(svg.matches("<title>mesh: ").count(), measured);
+    // Only the throughput figure has more than one repeat: one range drawn, the right one.
+    assert_eq!(svg.matches(" over the repeats: ").count(), 1);
+    assert!(svg.contains("<title>mesh over the repeats: 0.30x to 0.50x</title>"));
     let targets = figures
         .iter()
         .filter(|f| {
