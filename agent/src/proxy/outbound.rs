@@ -371,9 +371,17 @@ async fn hbone(
             .body(())
             .expect("CONNECT request with an IP authority is valid")
     };
-    // A pooled connection may have been closed by the peer since it was last used: retry
-    // once on a fresh one.
-    for attempt in 0..2 {
+    // Read once, right after the first request went out (the later, the likelier the client
+    // has written), and sent again with a retried stream.
+    let mut early: Option<Option<Bytes>> = None;
+    // Two reasons to try again on another connection, at most [`ATTEMPTS`] times in all: a
+    // pooled connection the peer closed since it was last used (the request cannot be sent),
+    // and a peer that is draining (an upgrade: its GOAWAY without error says it did not
+    // process the stream, RFC 9113 §6.8, so nothing reached the destination).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last = attempt == ATTEMPTS;
         let (slot, reused) = proxy
             .pool
             .checkout(key.clone(), || connect(proxy, net, &key))
@@ -382,34 +390,43 @@ async fn hbone(
             Ok(mut sender) => sender.send_request(request(), false),
             Err(e) => Err(e),
         };
+        let h2_error = |source| Error::H2 {
+            addr: key.dst,
+            source,
+        };
         let (response, mut send) = match sent {
             Ok(pair) => pair,
-            Err(e) if reused && attempt == 0 => {
+            Err(e) if (reused || draining(&e)) && !last => {
                 tracing::debug!(peer = %key.dst, error = %e, "stale pooled connection; retrying");
                 slot.conn().retire();
                 continue;
             }
-            Err(source) => {
-                return Err(Error::H2 {
-                    addr: key.dst,
-                    source,
-                });
-            }
+            Err(source) => return Err(h2_error(source)),
         };
-        let early = match client.early {
-            Some(socket) => first_flight(socket, &mut send).map_err(Error::ClientRead)?,
-            None => 0,
+        let early = match (&early, client.early) {
+            (Some(read), _) => read,
+            (None, Some(socket)) => early.insert(first_flight(socket).map_err(Error::ClientRead)?),
+            (None, None) => early.insert(None),
         };
+        if let Some(bytes) = early {
+            send.send_data(bytes.clone(), false)
+                .map_err(|e| Error::ClientRead(copy::h2_io(e)))?;
+        }
         let response = tokio::time::timeout(proxy.cfg.connect_timeout * 2, response)
             .await
             .map_err(|_| Error::Timeout {
                 what: "CONNECT",
                 addr: key.dst,
-            })?
-            .map_err(|source| Error::H2 {
-                addr: key.dst,
-                source,
             })?;
+        let response = match response {
+            Ok(response) => response,
+            Err(e) if draining(&e) && !last => {
+                tracing::debug!(peer = %key.dst, error = %e, "peer draining; retrying the stream");
+                slot.conn().retire();
+                continue;
+            }
+            Err(source) => return Err(h2_error(source)),
+        };
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
                 addr: key.dst,
@@ -421,10 +438,18 @@ async fn hbone(
             send,
             recv: response.into_body(),
             slot,
-            early,
+            early: early.as_ref().map_or(0, |b| b.len() as u32),
         });
     }
-    unreachable!("the loop returns on its second attempt")
+}
+
+/// Tries of a CONNECT, each on a connection other than the last one's.
+const ATTEMPTS: u32 = 3;
+
+/// The peer sent GOAWAY without an error and this stream was above its last one: it was not
+/// processed, and may go again on another connection.
+fn draining(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
 }
 
 /// Sends what the client has already written as DATA right behind the CONNECT request, so
@@ -437,17 +462,13 @@ async fn hbone(
 /// One non-blocking read of at most [`copy::MIN_BUF`] bytes, on the socket itself rather
 /// than through tokio's readiness (which a just-accepted socket does not have yet); the copy
 /// takes over from there. EOF is left for the copy, which reads it again.
-fn first_flight(client: &TcpStream, send: &mut SendStream<Bytes>) -> io::Result<u32> {
+fn first_flight(client: &TcpStream) -> io::Result<Option<Bytes>> {
     let mut buf = [0u8; copy::MIN_BUF];
     let read = (&*socket2::SockRef::from(client)).read(&mut buf);
     match read {
-        Ok(0) => Ok(0),
-        Ok(n) => {
-            send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                .map_err(copy::h2_io)?;
-            Ok(n as u32)
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(Bytes::copy_from_slice(&buf[..n]))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -546,10 +567,13 @@ mod tests {
             let request = http::Request::connect("198.18.1.3:8080").body(()).unwrap();
             let mut ready = sender.clone().ready().await.unwrap();
             let (response, mut send) = ready.send_request(request, false).unwrap();
-            let sent = first_flight(&client, &mut send).unwrap();
+            let early = first_flight(&client).unwrap();
+            if let Some(bytes) = &early {
+                send.send_data(bytes.clone(), false).unwrap();
+            }
             send.send_data(Bytes::new(), true).unwrap();
             open.push((response, send));
-            sent
+            early.map_or(0, |b| b.len())
         };
 
         assert_eq!(flight().await, 0, "nothing written yet");
