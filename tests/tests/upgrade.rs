@@ -1,17 +1,24 @@
-//! Root only: agents upgraded the way the DaemonSet rolls them (`maxSurge: 1`,
-//! `maxUnavailable: 0`), with traffic flowing all along. Without root it is skipped, unless
-//! `CI` is set, where it fails.
+//! Root only: what traffic sees while the mesh changes under it. Without root it is skipped,
+//! unless `CI` is set, where it fails.
 //!
 //! Node 1 runs pod a1, node 2 runs pod b1 with an echo application. Clients in a1 open
-//! connection after connection to b1 through both agents. Each node's agent in turn is
-//! replaced: a new agent starts beside the old one on the same node and enrolls the same pods
-//! (its listeners bind beside the old ones, SO_REUSEPORT), then the old one gets SIGTERM,
-//! drains and exits. Not one connection may fail: new connections reach the new agent, the old
-//! one finishes those it holds, and on the server side the old agent's GOAWAY sends node 1's
-//! new streams to a fresh HBONE connection, which the new agent accepts. (Had the old agent
-//! exited without draining, a few connections per upgrade would fail here. The connections
-//! queued on a listener at the instant it closes are too few at this rate to show; the
-//! listener test in `agent/tests/netns.rs` covers them.)
+//! connection after connection to b1 through both agents, while each node in turn goes
+//! through one handoff:
+//!
+//! - an upgrade, the way the DaemonSet rolls it (`maxSurge: 1`, `maxUnavailable: 0`): a new
+//!   agent starts beside the old one on the same node and enrolls the same pods (its
+//!   listeners bind beside the old ones, SO_REUSEPORT), then the old one gets SIGTERM, drains
+//!   and exits. Not one connection may fail: new connections reach the new agent, the old one
+//!   finishes those it holds, and on the server side the old agent's GOAWAY sends node 1's
+//!   next streams to a fresh HBONE connection, which the new agent accepts — including a
+//!   stream that crossed the GOAWAY, which the outbound side sends again (before it did, 1–2
+//!   of ~4,000 failed in about half the runs). Had the old agent exited without draining, a
+//!   few per upgrade would fail. The connections queued on a listener at the instant it
+//!   closes are too few at this rate to show; the listener test in `agent/tests/netns.rs`
+//!   covers them.
+//! - a release: the pod leaves the mesh (moved off the node in the agent's mesh file); its
+//!   new connections go direct, and none may be refused. See [`Handoff::counts`] for what
+//!   still breaks.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,11 +36,20 @@ use tokio::net::TcpSocket;
 /// Concurrent clients; each opens its connections one after another.
 const CLIENTS: usize = 4;
 
-/// What the clients saw: connections that echoed, and the first failures.
+/// What the clients saw: connections that echoed, and the failures, each with the step it
+/// was seen in.
 #[derive(Default)]
 struct Tally {
+    phase: std::sync::Mutex<String>,
     ok: AtomicU64,
     failed: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tally {
+    /// Names the step the failures from now on are seen in.
+    fn step(&self, name: String) {
+        *self.phase.lock().unwrap() = name;
+    }
 }
 
 /// One connection: connect, 1 KiB out, the same 1 KiB back, close.
@@ -77,7 +93,10 @@ fn load(
                         Ok(()) => {
                             tally.ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(e) => tally.failed.lock().unwrap().push(format!("{e:#}")),
+                        Err(e) => {
+                            let step = tally.phase.lock().unwrap().clone();
+                            tally.failed.lock().unwrap().push(format!("[{step}] {e:#}"))
+                        }
                     }
                     n += CLIENTS as u64;
                 }
@@ -90,12 +109,16 @@ fn load(
 /// one drains and exits. The connections that went through the new one are counted.
 async fn upgrade(cluster: &mut Cluster, n: usize, tally: &Tally) -> anyhow::Result<()> {
     let old = cluster.agents[n - 1].take().context("agent is running")?;
+    tally.step(format!("{n} start new"));
     cluster.start_agent(n)?;
     cluster.wait_enrolled(n).await?;
+    tally.step(format!("{n} overlap"));
     let before = tally.ok.load(Ordering::Relaxed);
     // Traffic through both agents for a moment, as during a rollout.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    tally.step(format!("{n} stopping old"));
     old.stop().await?;
+    tally.step(format!("{n} new alone"));
     let during = tally.ok.load(Ordering::Relaxed) - before;
     ensure!(
         during > 0,
@@ -118,7 +141,44 @@ async fn upgrade(cluster: &mut Cluster, n: usize, tally: &Tally) -> anyhow::Resu
     Ok(())
 }
 
-async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
+/// Takes pod `pod` of node `n` out of the mesh (its mesh file moves it off the node) while
+/// the clients run: its rules go, so its new connections go direct, and its listeners close.
+async fn release(cluster: &mut Cluster, n: usize, pod: &str, tally: &Tally) -> anyhow::Result<()> {
+    tally.step(format!("{pod} leaving"));
+    cluster.unenroll(n, pod).await?;
+    tally.step(format!("{pod} left"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// What happens to each node's side of the traffic while the clients run.
+#[derive(Clone, Copy)]
+enum Handoff {
+    /// The node's agent is replaced ([`upgrade`]).
+    Upgrade,
+    /// The node's pod leaves the mesh ([`release`]): a1 first, then b1.
+    Release,
+}
+
+impl Handoff {
+    /// Whether `failure` (one connection's) counts against the handoff: every failure during
+    /// an upgrade; when a pod leaves the mesh, a refused connect.
+    ///
+    /// A pod leaving the mesh has its rules removed first and its listeners closed after, so
+    /// what was captured until then is still served; closing the listeners first refused 191
+    /// of 3,318 connections here. What still breaks is a connection in flight as the rules
+    /// go: the agent delivered it from the client's address, and its return path needs the
+    /// rules, which are removed before the drain ends (1–4 in 10,000–14,000 here, reset or
+    /// hanging). That is not fixed; see the issue note.
+    fn counts(self, failure: &str) -> bool {
+        match self {
+            Handoff::Upgrade => true,
+            Handoff::Release => failure.contains("connect: Connection refused"),
+        }
+    }
+}
+
+async fn scenario(backend: &str, inbound: &str, handoff: Handoff) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&[&["a1"], &["b1"]], backend, inbound).await?;
     let b1 = cluster.topology.node(2).pod("b1");
     let dst = SocketAddr::new(IpAddr::V4(b1.ip), tests::netns::APP_PORT);
@@ -129,27 +189,45 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let clients = load(a1, dst, stop.clone(), tally.clone());
-    let upgraded = async {
+    let handed = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        upgrade(&mut cluster, 1, &tally).await?;
-        upgrade(&mut cluster, 2, &tally).await
+        for (n, pod) in [(1, "a1"), (2, "b1")] {
+            match handoff {
+                Handoff::Upgrade => upgrade(&mut cluster, n, &tally).await?,
+                Handoff::Release => release(&mut cluster, n, pod, &tally).await?,
+            }
+        }
+        anyhow::Ok(())
     }
     .await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await?;
     }
-    upgraded?;
+    handed?;
     let failed = tally.failed.lock().unwrap().clone();
     let ok = tally.ok.load(Ordering::Relaxed);
+    let total = failed.len() as u64 + ok;
+    let agents_failed: Vec<String> = [1, 2]
+        .iter()
+        .flat_map(|&n| cluster.agent(n).messages("connection failed"))
+        .map(|r| r.to_string())
+        .take(5)
+        .collect();
+    let counted: Vec<&String> = failed.iter().filter(|f| handoff.counts(f)).collect();
     ensure!(
-        failed.is_empty(),
-        "{} of {} connections failed during the upgrades, first: {:?}",
-        failed.len(),
-        failed.len() as u64 + ok,
-        &failed[..failed.len().min(5)]
+        counted.is_empty(),
+        "{} of {total} connections failed during the handoffs, first: {:?}; the agents' \
+         failed connections: {agents_failed:?}",
+        counted.len(),
+        &counted[..counted.len().min(5)]
     );
-    eprintln!("{backend}/{inbound}: {ok} connections through two agent upgrades, none failed");
+    ensure!(ok > 0, "no connection completed");
+    eprintln!(
+        "{backend}/{inbound}: {ok} connections through both handoffs; failed: {} ({:?})",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     drop(cluster);
     let left = leftovers()?;
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
@@ -159,13 +237,35 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nftables_redirect_upgrades_drop_no_connection() {
     if root_or_skip("nftables_redirect_upgrades_drop_no_connection") {
-        scenario("nftables", "redirect").await.unwrap();
+        scenario("nftables", "redirect", Handoff::Upgrade)
+            .await
+            .unwrap();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_tproxy_upgrades_drop_no_connection() {
     if root_or_skip("iptables_tproxy_upgrades_drop_no_connection") {
-        scenario("iptables", "tproxy").await.unwrap();
+        scenario("iptables", "tproxy", Handoff::Upgrade)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_redirect_pods_leave_the_mesh_refusing_no_connection() {
+    if root_or_skip("nftables_redirect_pods_leave_the_mesh_refusing_no_connection") {
+        scenario("nftables", "redirect", Handoff::Release)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_tproxy_pods_leave_the_mesh_refusing_no_connection() {
+    if root_or_skip("iptables_tproxy_pods_leave_the_mesh_refusing_no_connection") {
+        scenario("iptables", "tproxy", Handoff::Release)
+            .await
+            .unwrap();
     }
 }
