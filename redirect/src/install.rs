@@ -5,8 +5,10 @@
 //! the same helper serves the agent's in-namespace listeners. Each tool call is atomic
 //! (`iptables-restore --noflush` commits per table, `nft -f` is one transaction); apply is
 //! idempotent and converges from any earlier state of ours; remove tolerates partial state.
-//! Order: return routes before netfilter on apply, after it on remove. Remove with the plan
-//! and backend that were applied: a family or backend not named is not touched.
+//! Order: return routes before netfilter on apply, after it on remove. A pod leaving goes in
+//! two steps: [`stop_capture`] (capture gone, return path kept), then [`remove`] after its
+//! connections drain. Remove with the plan and backend that were applied: a family or backend
+//! not named is not touched.
 
 use std::path::PathBuf;
 
@@ -109,6 +111,22 @@ pub fn apply(
     backend: Backend,
     tools: &Tools,
 ) -> Result<(), InstallError> {
+    apply_rules(netns, plan, backend, tools)?;
+    tracing::info!(
+        netns = %netns.path().display(),
+        backend = backend.as_str(),
+        inbound = plan.config().inbound.as_str(),
+        "capture rules applied"
+    );
+    Ok(())
+}
+
+fn apply_rules(
+    netns: &Netns,
+    plan: &RuleSet,
+    backend: Backend,
+    tools: &Tools,
+) -> Result<(), InstallError> {
     netns
         .run(|| {
             for route in plan.routes() {
@@ -131,12 +149,23 @@ pub fn apply(
         .map_err(|source| InstallError::Command {
             netns: netns.path().to_owned(),
             source,
-        })?;
+        })
+}
+
+/// Stops capturing in `netns`, where `plan` is applied with `backend`, and keeps the return
+/// path ([`RuleSet::return_path`]) for the connections already delivered, in one atomic step
+/// per tool call. [`remove`] takes the rest away once they have drained.
+pub fn stop_capture(
+    netns: &Netns,
+    plan: &RuleSet,
+    backend: Backend,
+    tools: &Tools,
+) -> Result<(), InstallError> {
+    apply_rules(netns, &plan.return_path(), backend, tools)?;
     tracing::info!(
         netns = %netns.path().display(),
         backend = backend.as_str(),
-        inbound = plan.config().inbound.as_str(),
-        "capture rules applied"
+        "capture stopped, return path kept"
     );
     Ok(())
 }

@@ -193,6 +193,19 @@ impl RuleSet {
     pub fn render_iptables(&self, family: Family) -> String {
         script(Some(self), family, &Saved::default())
     }
+
+    /// The same input as fed to a netns where `installed` is in place (one jump to each of
+    /// its chains).
+    pub fn render_iptables_over(&self, family: Family, installed: &RuleSet) -> String {
+        let saved = Saved {
+            chains: installed
+                .chains(family)
+                .into_iter()
+                .map(|c| (c, 1))
+                .collect(),
+        };
+        script(Some(self), family, &saved)
+    }
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //!
 //! A [`CaptureConfig`] becomes a pure, inspectable [`RuleSet`] plan; the plan renders to
 //! `iptables-restore` input (one per IP family) or to one `nft` transaction, plus the
-//! `ip rule`/`ip route` steps of the return path. [`apply`] and [`remove`] run those tools
-//! inside a [`Netns`], atomically per tool call and idempotently. Listening on the ports,
-//! proxying and deciding which pods are enrolled belong to the agent.
+//! `ip rule`/`ip route` steps of the return path. [`apply`], [`stop_capture`] and [`remove`]
+//! run those tools inside a [`Netns`], atomically per tool call and idempotently. Listening on
+//! the ports, proxying and deciding which pods are enrolled belong to the agent.
 
 mod command;
 mod config;
@@ -23,7 +23,7 @@ pub mod testing;
 
 pub use command::CommandError;
 pub use config::{CaptureConfig, ConfigError, InboundMode};
-pub use install::{Backend, InstallError, Tools, apply, remove};
+pub use install::{Backend, InstallError, Tools, apply, remove, stop_capture};
 pub use iptables::{OUTPUT_CHAIN, PREROUTING_CHAIN};
 pub use netns::{Netns, NetnsError};
 pub use nft::TABLE as NFT_TABLE;

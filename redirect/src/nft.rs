@@ -47,11 +47,7 @@ impl RuleSet {
         let _ = writeln!(out, "table inet {TABLE} {{");
         let chains: Vec<Chain> = Chain::ALL
             .into_iter()
-            .filter(|&c| {
-                families
-                    .iter()
-                    .any(|&f| self.chain_rules(f, c).next().is_some())
-            })
+            .filter(|&c| families.iter().any(|&f| self.chains(f).contains(&c)))
             .collect();
         for (i, &chain) in chains.iter().enumerate() {
             if i > 0 {

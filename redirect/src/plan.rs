@@ -149,6 +149,8 @@ pub struct RuleSet {
     config: CaptureConfig,
     rules: Vec<Rule>,
     routes: Vec<ReturnRoute>,
+    /// Chains hooked though they hold no rule (see [`RuleSet::return_path`]).
+    empty_chains: Vec<(Family, Chain)>,
 }
 
 impl RuleSet {
@@ -180,6 +182,7 @@ impl RuleSet {
             config: config.clone(),
             rules,
             routes,
+            empty_chains: Vec::new(),
         })
     }
 
@@ -204,16 +207,56 @@ impl RuleSet {
             .filter(move |r| r.family == family && r.chain == chain)
     }
 
-    /// Our chains that carry rules for `family`, in [`Chain::ALL`] order.
+    /// Our chains for `family`, in [`Chain::ALL`] order: those that carry rules, and those
+    /// kept hooked without any.
     pub fn chains(&self, family: Family) -> Vec<Chain> {
         Chain::ALL
             .into_iter()
-            .filter(|&c| self.chain_rules(family, c).next().is_some())
+            .filter(|&c| {
+                self.chain_rules(family, c).next().is_some()
+                    || self.empty_chains.contains(&(family, c))
+            })
             .collect()
     }
 
     pub fn routes(&self) -> &[ReturnRoute] {
         &self.routes
+    }
+
+    /// This plan without its capture: only what the connections already captured need. The
+    /// connection mark on the agent's packets, the mark restored on the app's replies and
+    /// the return routes bring back the replies to a client's address the agent delivered
+    /// from; without them those leave through the pod's interface. Every chain stays hooked,
+    /// emptied: the kernel translates a redirected connection's packets only while a nat
+    /// chain is hooked in the namespace, and nft unhooks with the last one (the connections
+    /// the agent held on its ports then broke). Installed over the full plan when a pod
+    /// leaves, it stops new captures at once while the connections in flight drain.
+    pub fn return_path(&self) -> RuleSet {
+        let rules: Vec<Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.action.is_return_path())
+            .cloned()
+            .collect();
+        let empty_chains = self
+            .families()
+            .into_iter()
+            .flat_map(|f| self.chains(f).into_iter().map(move |c| (f, c)))
+            .filter(|&(f, c)| !rules.iter().any(|r| r.family == f && r.chain == c))
+            .collect();
+        RuleSet {
+            config: self.config.clone(),
+            rules,
+            routes: self.routes.clone(),
+            empty_chains,
+        }
+    }
+}
+
+impl Action {
+    /// Marks for the return path rather than capture.
+    fn is_return_path(&self) -> bool {
+        matches!(self, Action::SetConnMark(_) | Action::RestoreMark)
     }
 }
 
@@ -523,6 +566,39 @@ mod tests {
                     priority: 32764,
                 })
             );
+        }
+    }
+
+    #[test]
+    fn return_path_keeps_the_marks_and_routes_and_no_capture() {
+        for mode in [InboundMode::Redirect, InboundMode::Tproxy] {
+            let set = plan(mode, true, true);
+            let kept = set.return_path();
+            let actions: Vec<(Family, Chain, &Action)> = kept
+                .rules()
+                .iter()
+                .map(|r| (r.family, r.chain, &r.action))
+                .collect();
+            let tag = Action::SetConnMark(MarkMatch {
+                value: 0x111,
+                mask: 0xfff,
+            });
+            assert_eq!(
+                actions,
+                [
+                    (Family::V4, Chain::MANGLE_PREROUTING, &tag),
+                    (Family::V4, Chain::MANGLE_OUTPUT, &Action::RestoreMark),
+                    (Family::V6, Chain::MANGLE_PREROUTING, &tag),
+                    (Family::V6, Chain::MANGLE_OUTPUT, &Action::RestoreMark),
+                ],
+                "{mode:?}"
+            );
+            assert_eq!(kept.routes(), set.routes());
+            assert_eq!(kept.families(), set.families());
+            for family in [Family::V4, Family::V6] {
+                assert_eq!(kept.chains(family), set.chains(family), "{mode:?}");
+                assert_eq!(kept.chain_rules(family, Chain::NAT_OUTPUT).count(), 0);
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Golden files: for every backend × inbound mode × IP family, the exact text handed to
-//! `iptables-restore`/`ip6tables-restore` or `nft`, and the `ip` commands of the return path.
+//! `iptables-restore`/`ip6tables-restore` or `nft`, the `ip` commands of the return path, and
+//! the text that stops the capture but keeps the return path (a pod leaving, before its drain).
 //! `UPDATE_GOLDEN=1 cargo test -p redirect --test golden` rewrites them; review the diff.
 
 use std::fmt::Write;
@@ -69,6 +70,7 @@ impl Case {
             ..CaptureConfig::default()
         };
         let plan = RuleSet::plan(&config).unwrap();
+        let kept = plan.return_path();
         let mut out = String::new();
         if self.backend == "iptables" {
             let (family, tool) = match self.families {
@@ -80,12 +82,21 @@ impl Case {
                 "### {tool} --noflush, into a namespace without our chains"
             );
             out.push_str(&plan.render_iptables(family));
+            out.push_str("### ip\n");
+            out.push_str(&plan.render_routes());
+            let _ = writeln!(
+                out,
+                "### stop_capture: {tool} --noflush, over the rules above"
+            );
+            out.push_str(&kept.render_iptables_over(family, &plan));
         } else {
             out.push_str("### nft -f -\n");
             out.push_str(&plan.render_nft());
+            out.push_str("### ip\n");
+            out.push_str(&plan.render_routes());
+            out.push_str("### stop_capture: nft -f -\n");
+            out.push_str(&kept.render_nft());
         }
-        out.push_str("### ip\n");
-        out.push_str(&plan.render_routes());
         out
     }
 }

@@ -3,7 +3,7 @@
 //! afterwards and where TCP connections actually land. Needs `iptables nftables iproute2`;
 //! without root it is skipped, unless `CI` is set, where it fails.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use redirect::testing::{ScratchNetns, root_or_skip, sweep_stale};
 use redirect::{
-    Backend, CaptureConfig, Family, InboundMode, InstallError, Netns, RuleSet, Tools, apply, remove,
+    Backend, CaptureConfig, Family, InboundMode, InstallError, Netns, RuleSet, Tools, apply,
+    remove, stop_capture,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -541,6 +542,113 @@ fn inbound_without_the_agent_never_reaches_the_app() {
                 app.accept().map(|_| ()).unwrap_err().kind(),
                 io::ErrorKind::WouldBlock,
                 "{variant:?} {mode:?}: the app got a connection"
+            );
+        }
+    }
+}
+
+/// Sends `what` on `from` and reads it on `to`, within `timeout`.
+fn carries(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    what: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    from.write_all(what)?;
+    to.set_read_timeout(Some(timeout))?;
+    let mut got = vec![0; what.len()];
+    to.read_exact(&mut got)?;
+    assert_eq!(got, what);
+    Ok(())
+}
+
+#[test]
+fn stopping_capture_keeps_the_return_path_of_delivered_connections() {
+    if !setup("stopping_capture_keeps_the_return_path_of_delivered_connections") {
+        return;
+    }
+    for variant in VARIANTS {
+        for mode in MODES {
+            let case = format!("{variant:?} {mode:?}");
+            let pair = Pair::create();
+            let pod = pair.pod.open().unwrap();
+            let peer = pair.peer.open().unwrap();
+            let plan = plan(mode);
+            let (backend, tools) = (variant.backend(), variant.tools());
+            apply(&pod, &plan, backend, &tools).unwrap();
+            let pod_app = listen(&pod, POD4, 9090, false);
+            let peer_app = listen(&peer, PEER4, 8080, false);
+
+            // A connection the agent delivered from the peer's address before the capture
+            // stopped, and one it delivers after (accepted earlier, connected late).
+            let spoofed = |port| addr(PEER4, port);
+            let mut before = connect(&pod, addr(POD4, 9090), Some(0x539), Some(spoofed(40001)))
+                .unwrap_or_else(|e| panic!("{case}: spoofed-source connect: {e}"));
+            let (mut before_app, _) = accept(&pod_app, &case);
+            // Connections captured before: the app's outbound one on 15001, the peer's
+            // inbound one on 15006 (their NAT or socket must hold after the capture stops).
+            let tproxy = mode == InboundMode::Tproxy;
+            let outbound = listen(&pod, "0.0.0.0", 15001, false);
+            let inbound = listen(&pod, "0.0.0.0", 15006, tproxy);
+            let mut app_out = connect(&pod, addr(PEER4, 8080), None, None).unwrap();
+            let (mut agent_out, _) = accept(&outbound, &format!("{case}: outbound"));
+            let mut peer_in = connect(&peer, addr(POD4, 8080), None, None).unwrap();
+            let (mut agent_in, _) = accept(&inbound, &format!("{case}: inbound"));
+            stop_capture(&pod, &plan, backend, &tools).unwrap();
+            stop_capture(&pod, &plan, backend, &tools).unwrap();
+            let mut after = connect(&pod, addr(POD4, 9090), Some(0x539), Some(spoofed(40002)))
+                .unwrap_or_else(|e| panic!("{case}: spoofed-source connect after: {e}"));
+            let (mut after_app, _) = accept(&pod_app, &case);
+            for (agent, app) in [(&mut before, &mut before_app), (&mut after, &mut after_app)] {
+                carries(app, agent, b"reply", WAIT)
+                    .unwrap_or_else(|e| panic!("{case}: the app's reply was lost: {e}"));
+                carries(agent, app, b"request", WAIT).unwrap();
+            }
+            for (what, client, agent) in [
+                ("outbound", &mut app_out, &mut agent_out),
+                ("inbound", &mut peer_in, &mut agent_in),
+            ] {
+                carries(client, agent, b"more", WAIT)
+                    .unwrap_or_else(|e| panic!("{case}: captured {what}, to the agent: {e}"));
+                carries(agent, client, b"back", WAIT)
+                    .unwrap_or_else(|e| panic!("{case}: captured {what}, from the agent: {e}"));
+            }
+
+            // Nothing is captured any more: both directions go straight to the apps.
+            let _client = connect(&peer, addr(POD4, 9090), None, None)
+                .unwrap_or_else(|e| panic!("{case}: inbound after stop: {e}"));
+            accept(&pod_app, &format!("{case}: inbound after stop"));
+            let _client = connect(&pod, addr(PEER4, 8080), None, None)
+                .unwrap_or_else(|e| panic!("{case}: outbound after stop: {e}"));
+            accept(&peer_app, &format!("{case}: outbound after stop"));
+            let kept = snapshot(&pod, variant);
+            for capture in [
+                "REDIRECT",
+                "redirect",
+                "TPROXY",
+                "tproxy",
+                "*nat\n:AMBIENTD",
+            ] {
+                assert!(!kept.contains(capture), "{case}: {capture} left:\n{kept}");
+            }
+            assert_eq!(
+                kept.matches("fwmark 0x111/0xfff lookup 100").count(),
+                2,
+                "{kept}"
+            );
+
+            // Without the return path the same reply leaves the pod and is lost.
+            remove(&pod, &plan, backend, &tools).unwrap();
+            assert_nothing_of_ours(&snapshot(&pod, variant));
+            assert!(
+                carries(
+                    &mut before_app,
+                    &mut before,
+                    b"lost",
+                    Duration::from_millis(300)
+                )
+                .is_err(),
+                "{case}: the reply arrived without the return path"
             );
         }
     }

@@ -65,9 +65,18 @@ pub enum EnrollError {
 }
 
 /// Capture rules installed in one pod's namespace.
+#[derive(Clone)]
 struct Installed {
     netns: Arc<redirect::Netns>,
     plan: Arc<RuleSet>,
+}
+
+/// The two steps of taking a pod's rules away.
+#[derive(Clone, Copy, Debug)]
+enum RuleStep {
+    /// Capture removed, return path kept while connections drain.
+    StopCapture,
+    Remove,
 }
 
 struct Enrolled {
@@ -154,7 +163,7 @@ impl Pods {
             ),
             plan: Arc::new(plan),
         };
-        self.remove_rules(pod, installed).await?;
+        self.change_rules(pod, &installed, RuleStep::Remove).await?;
         tracing::info!(pod = %pod, netns = %netns.display(), "capture rules of a pod out of the mesh cleaned up");
         Ok(())
     }
@@ -219,7 +228,7 @@ impl Pods {
             }
             Err(e) => {
                 if let Some(rules) = rules {
-                    let _ = self.remove_rules(&uid, rules).await;
+                    let _ = self.change_rules(&uid, &rules, RuleStep::Remove).await;
                 }
                 Err(e)
             }
@@ -266,7 +275,7 @@ impl Pods {
         match pod {
             Ok(pod) => Ok((Net::Pod(Arc::new(pod)), installed)),
             Err(source) => {
-                let _ = self.remove_rules(uid, installed).await;
+                let _ = self.change_rules(uid, &installed, RuleStep::Remove).await;
                 Err(EnrollError::Netns {
                     uid: uid.clone(),
                     source,
@@ -349,34 +358,52 @@ impl Pods {
         let Some(mut pod) = self.enrolled().remove(uid) else {
             return Ok(false);
         };
-        // Rules first: from then on the pod's new connections go direct, and its listeners
-        // still serve those captured until the rules were gone. Closing the listeners first
-        // refused every connection captured in between (the rules take tens of milliseconds
-        // to remove): 191 of 3,318 in `tests/tests/upgrade.rs`.
+        // Capture first: from then on the pod's new connections go direct, and its listeners
+        // still serve those captured until then. Closing the listeners first refused every
+        // connection captured in between (the rules take tens of milliseconds to change): 191
+        // of 3,318 in `tests/tests/upgrade.rs`. The return path stays until the drain ends:
+        // the app's replies to the connections the agent delivered from a client's address
+        // need it (removing it with the capture broke 1-5 of ~12,000 in flight).
         let netns = pod.rules.as_ref().map(|r| r.netns.path().to_owned());
-        let removed = match pod.rules.take() {
-            Some(rules) => self.remove_rules(uid, rules).await,
-            None => Ok(()),
-        };
+        let rules = pod.rules.take();
+        let mut removed = Ok(());
+        if let Some(rules) = &rules
+            && let Err(error) = self.change_rules(uid, rules, RuleStep::StopCapture).await
+        {
+            tracing::warn!(pod = %uid, %error, "removing all rules at once instead");
+            removed = self.change_rules(uid, rules, RuleStep::Remove).await;
+        }
         let drain = tokio::spawn(pod.trigger.drain(self.drain_deadline));
         for ip in &pod.addresses {
             self.proxy.pool.forget_source(*ip);
         }
         let outcome = drain.await.unwrap_or(drain::Outcome::Forced);
         pod.tasks.shutdown().await;
+        if let Some(rules) = &rules
+            && removed.is_ok()
+        {
+            removed = self.change_rules(uid, rules, RuleStep::Remove).await;
+        }
         tracing::info!(pod = %uid, netns = ?netns, ?outcome, "pod unenrolled");
         removed.map(|()| true)
     }
 
-    async fn remove_rules(&self, uid: &str, rules: Installed) -> Result<(), EnrollError> {
+    async fn change_rules(
+        &self,
+        uid: &str,
+        rules: &Installed,
+        step: RuleStep,
+    ) -> Result<(), EnrollError> {
         let (backend, tools) = (self.capture.backend, self.capture.tools.clone());
-        let removed = tokio::task::spawn_blocking(move || {
-            redirect::remove(&rules.netns, &rules.plan, backend, &tools)
+        let Installed { netns, plan } = rules.clone();
+        let changed = tokio::task::spawn_blocking(move || match step {
+            RuleStep::StopCapture => redirect::stop_capture(&netns, &plan, backend, &tools),
+            RuleStep::Remove => redirect::remove(&netns, &plan, backend, &tools),
         })
         .await
-        .expect("removing capture rules does not panic");
-        removed.map_err(|source| {
-            tracing::error!(pod = %uid, error = %source, "capture rules could not be removed");
+        .expect("changing capture rules does not panic");
+        changed.map_err(|source| {
+            tracing::error!(pod = %uid, error = %source, ?step, "capture rules could not be changed");
             EnrollError::Rules {
                 uid: uid.to_owned(),
                 source,
