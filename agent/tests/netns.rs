@@ -76,11 +76,34 @@ async fn pod_sockets_live_in_the_pod_and_carry_the_mark() {
     let app = ns.listen("0.0.0.0:8080".parse().unwrap()).unwrap();
     let client: std::net::IpAddr = "198.18.0.77".parse().unwrap();
     let dst: SocketAddr = "198.19.9.1:8080".parse().unwrap();
-    let (socket, source) = delivery::socket(&pod, client, dst).unwrap();
+    let (socket, source) = delivery::socket(&pod, client, dst, None).unwrap().unwrap();
     assert_eq!(source, delivery::Source::Original(client));
     assert_eq!(socket.local_addr().unwrap().ip(), client);
+    // On a port of the agent's choice: shared with other connections of the client's
+    // address, never with a listener.
+    let port = *delivery::SOURCE_PORTS.start() + 1000;
+    let (chosen, _) = delivery::socket(&pod, client, dst, Some(port))
+        .unwrap()
+        .unwrap();
+    assert_eq!(chosen.local_addr().unwrap(), SocketAddr::new(client, port));
+    assert!(
+        delivery::socket(&pod, client, dst, Some(port))
+            .unwrap()
+            .is_some()
+    );
+    let _held = ns
+        .listen(SocketAddr::new([0, 0, 0, 0].into(), port + 1))
+        .unwrap();
+    assert!(
+        delivery::socket(&pod, client, dst, Some(port + 1))
+            .unwrap()
+            .is_none(),
+        "a listener's port was shared"
+    );
     let other_family: std::net::IpAddr = "2001:2::77".parse().unwrap();
-    let (socket, source) = delivery::socket(&pod, other_family, dst).unwrap();
+    let (socket, source) = delivery::socket(&pod, other_family, dst, Some(port))
+        .unwrap()
+        .unwrap();
     assert_eq!(source, delivery::Source::Pod);
     // Without capture rules there is no return path for a spoofed source, but the pod's own
     // address needs none: the fallback connects.
