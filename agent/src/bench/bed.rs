@@ -25,6 +25,7 @@ use super::load::{self, Interrupt, Server};
 use super::usage::{Cpu, Process, Usage};
 use crate::demo::process::{AgentProcess, Spec};
 use crate::demo::topology::{Pod, Topology};
+use crate::proxy::delivery;
 
 /// Bound on an agent's start (certificates, rules, listeners).
 const AGENT_START: Duration = Duration::from_secs(20);
@@ -86,21 +87,15 @@ impl Bed {
             agent_args: agent_args.to_vec(),
             agent_bin,
         };
-        // Wide port ranges, so connection churn does not run out of ports, and disjoint ones
-        // per node: the simulated nodes share one kernel, whose connect-time port choice
-        // walks one sequence per (source, destination, port) for every namespace, so
-        // node-1's agent (sending as the client pod) and node-2's (delivering as it) would
-        // pick each other's ports in use, and a SYN would be taken for the other
-        // connection's. On two real nodes the kernels choose independently.
-        for (node, ports) in bed
-            .topology
-            .nodes
-            .iter()
-            .zip(["10000 37767", "37768 65535"])
-        {
+        // Wide port ranges, so connection churn does not run out of ports, above the ports
+        // the agents deliver from (`agent::proxy::delivery::SOURCE_PORTS`): the simulated
+        // nodes share one kernel, and a client port the same as a delivery's from the same
+        // address to the same destination would be taken for the other connection's.
+        let ports = format!("{} 65535", delivery::SOURCE_PORTS.end() + 1);
+        for node in &bed.topology.nodes {
             for pod in &node.pods {
                 pod.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-                pod.ns.sysctl("net.ipv4.ip_local_port_range", ports)?;
+                pod.ns.sysctl("net.ipv4.ip_local_port_range", &ports)?;
             }
         }
         ca_client::LocalCa::init(&bed.ca()).context("creating the bench's root CA")?;
