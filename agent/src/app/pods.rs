@@ -365,13 +365,16 @@ impl Pods {
         // the app's replies to the connections the agent delivered from a client's address
         // need it (removing it with the capture broke 1-5 of ~12,000 in flight).
         let netns = pod.rules.as_ref().map(|r| r.netns.path().to_owned());
-        let rules = pod.rules.take();
+        let mut rules = pod.rules.take();
         let mut removed = Ok(());
-        if let Some(rules) = &rules
-            && let Err(error) = self.change_rules(uid, rules, RuleStep::StopCapture).await
+        if let Some(installed) = &rules
+            && let Err(error) = self
+                .change_rules(uid, installed, RuleStep::StopCapture)
+                .await
         {
             tracing::warn!(pod = %uid, %error, "removing all rules at once instead");
-            removed = self.change_rules(uid, rules, RuleStep::Remove).await;
+            removed = self.change_rules(uid, installed, RuleStep::Remove).await;
+            rules = None;
         }
         let drain = tokio::spawn(pod.trigger.drain(self.drain_deadline));
         for ip in &pod.addresses {
@@ -379,9 +382,7 @@ impl Pods {
         }
         let outcome = drain.await.unwrap_or(drain::Outcome::Forced);
         pod.tasks.shutdown().await;
-        if let Some(rules) = &rules
-            && removed.is_ok()
-        {
+        if let Some(rules) = &rules {
             removed = self.change_rules(uid, rules, RuleStep::Remove).await;
         }
         tracing::info!(pod = %uid, netns = ?netns, ?outcome, "pod unenrolled");
