@@ -132,6 +132,7 @@ async fn control(cfg: &Config) -> anyhow::Result<Control> {
 /// running agent. Every problem in the configuration or with a pod present at start is an
 /// error here, before anything is served.
 pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
+    crate::proxy::delivery::warn_if_ephemeral(&cfg.proxy.delivery_ports);
     let control = control(&cfg).await?;
     let Control {
         state,

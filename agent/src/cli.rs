@@ -2,6 +2,7 @@
 //! typed [`Config`] once.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::capture::{CaptureSettings, parse_backend, parse_inbound_mode};
 use crate::config::{
     CaConfig, CaSource, Config, Enrollment, H2Config, IstioConfig, KubernetesConfig, Mode,
-    ProxyConfig, parse_duration,
+    ProxyConfig, parse_duration, parse_port_range,
 };
 use crate::proxy::pool::PoolConfig;
 
@@ -341,6 +342,10 @@ pub struct RunArgs {
     /// Bound on every upstream TCP connect.
     #[arg(long, env = "CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Source ports (LOW-HIGH) of connections delivered to a pod from the original client's
+    /// address; keep them out of the clients' ephemeral port range.
+    #[arg(long, env = "DELIVERY_PORTS", default_value = "1024-32767", value_parser = parse_port_range)]
+    pub delivery_ports: RangeInclusive<u16>,
     /// How long SIGTERM lets open connections finish.
     #[arg(long, env = "DRAIN_DEADLINE", default_value = "20s", value_parser = parse_duration)]
     pub drain_deadline: Duration,
@@ -457,6 +462,7 @@ impl RunArgs {
                 node_name: self.node,
                 cluster_id: self.cluster_id,
                 connect_timeout: self.connect_timeout,
+                delivery_ports: self.delivery_ports,
                 h2: H2Config {
                     stream_window: self.h2_stream_window,
                     connection_window: self.h2_connection_window,
@@ -575,6 +581,20 @@ mod tests {
         assert!(matches!(cfg.ca.source, CaSource::Dir(_)));
         assert_eq!(cfg.capture.backend, redirect::Backend::Iptables);
         assert_eq!(cfg.capture.inbound, redirect::InboundMode::Redirect);
+        assert_eq!(
+            cfg.proxy.delivery_ports,
+            crate::config::DEFAULT_DELIVERY_PORTS
+        );
+        let ports = run(&[
+            "--mesh",
+            "m",
+            "--node",
+            "n",
+            "--delivery-ports",
+            "2000-2999",
+        ])
+        .unwrap();
+        assert_eq!(ports.proxy.delivery_ports, 2000..=2999);
     }
 
     #[test]
@@ -620,6 +640,11 @@ mod tests {
             run(&["--mesh", "m", "--node", "n", "--ca-cert", "c.pem"])
                 .unwrap_err()
                 .contains("--ca-key")
+        );
+        assert!(
+            run(&["--mesh", "m", "--node", "n", "--delivery-ports", "5000"])
+                .unwrap_err()
+                .contains("LOW-HIGH")
         );
     }
 

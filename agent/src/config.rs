@@ -4,6 +4,7 @@
 //! Tests build [`Config`] directly instead of going through the process environment.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -50,11 +51,19 @@ impl Default for H2Config {
     }
 }
 
+/// Source ports of delivered connections by default: below the ephemeral range clients use
+/// (Linux's default is 32768-60999), so a delivery never takes a port a client of the same
+/// address could be using for a direct connection to the same destination.
+pub const DEFAULT_DELIVERY_PORTS: RangeInclusive<u16> = 1024..=32767;
+
 /// What the proxy needs.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub ports: Ports,
     pub connect_timeout: Duration,
+    /// Source ports of connections delivered to a pod from the original client's address
+    /// (`--delivery-ports`; see [`crate::proxy::delivery`]).
+    pub delivery_ports: RangeInclusive<u16>,
     /// How long a TLS + HTTP/2 handshake may take, either side.
     pub handshake_timeout: Duration,
     pub h2: H2Config,
@@ -70,6 +79,7 @@ impl Default for ProxyConfig {
         Self {
             ports: Ports::default(),
             connect_timeout: Duration::from_secs(5),
+            delivery_ports: DEFAULT_DELIVERY_PORTS,
             handshake_timeout: Duration::from_secs(10),
             h2: H2Config::default(),
             pool: PoolConfig::default(),
@@ -188,6 +198,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a port range `LOW-HIGH`, both included, e.g. `1024-32767`.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (low, high) = s
+        .trim()
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range LOW-HIGH (e.g. 1024-32767)"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{p:?} in {s:?} is not a port (1-65535)"))
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    if low > high {
+        return Err(format!("{s:?} starts above its end"));
+    }
+    Ok(low..=high)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +231,23 @@ mod tests {
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("10d").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("s").unwrap_err().contains("whole number"));
+    }
+
+    #[test]
+    fn port_ranges_parse_and_reject_the_rest() {
+        assert_eq!(parse_port_range("1024-32767"), Ok(1024..=32767));
+        assert_eq!(parse_port_range(" 40000 - 40000 "), Ok(40000..=40000));
+        assert!(parse_port_range("1024").unwrap_err().contains("LOW-HIGH"));
+        assert!(
+            parse_port_range("0-100")
+                .unwrap_err()
+                .contains("not a port")
+        );
+        assert!(
+            parse_port_range("1024-65536")
+                .unwrap_err()
+                .contains("not a port")
+        );
+        assert!(parse_port_range("2000-1000").unwrap_err().contains("above"));
     }
 }

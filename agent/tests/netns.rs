@@ -81,7 +81,7 @@ async fn pod_sockets_live_in_the_pod_and_carry_the_mark() {
     assert_eq!(socket.local_addr().unwrap().ip(), client);
     // On a port of the agent's choice: shared with other connections of the client's
     // address, never with a listener.
-    let port = *delivery::SOURCE_PORTS.start() + 1000;
+    let port = *agent::config::DEFAULT_DELIVERY_PORTS.start() + 1000;
     let (chosen, _) = delivery::socket(&pod, client, dst, Some(port))
         .unwrap()
         .unwrap();

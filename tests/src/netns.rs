@@ -185,13 +185,19 @@ impl Cluster {
     /// per node with the given capture flags; returns once every pod is enrolled.
     pub async fn start(nodes: &[&[&str]], backend: &str, inbound: &str) -> anyhow::Result<Self> {
         let mut cluster = Cluster::build(nodes, backend, inbound)?;
-        for n in 1..=cluster.topology.nodes.len() {
-            cluster.start_agent(n)?;
-        }
-        for n in 1..=cluster.topology.nodes.len() {
-            cluster.wait_enrolled(n).await?;
-        }
+        cluster.start_agents().await?;
         Ok(cluster)
+    }
+
+    /// Starts every node's agent; returns once every pod is enrolled.
+    pub async fn start_agents(&mut self) -> anyhow::Result<()> {
+        for n in 1..=self.topology.nodes.len() {
+            self.start_agent(n)?;
+        }
+        for n in 1..=self.topology.nodes.len() {
+            self.wait_enrolled(n).await?;
+        }
+        Ok(())
     }
 
     /// The topology, its mesh files and the CA, with no agent started yet.
@@ -346,11 +352,16 @@ impl App {
 
     /// The source IPs of every connection accepted so far.
     pub fn peers(&self) -> Vec<IpAddr> {
+        self.peer_addrs().iter().map(SocketAddr::ip).collect()
+    }
+
+    /// The source addresses (IP and port) of every connection accepted so far.
+    pub fn peer_addrs(&self) -> Vec<SocketAddr> {
         self.peers
             .lock()
             .expect("peers lock")
             .iter()
-            .map(|p| p.ip().to_canonical())
+            .map(|p| SocketAddr::new(p.ip().to_canonical(), p.port()))
             .collect()
     }
 }

@@ -6,7 +6,7 @@
 //! over IPv4 and IPv6: node 1 runs pods a1 and a2, node 2 runs pod b1, and a host outside the
 //! mesh (198.18.0.200, 2001:2::200) has no agent. Every pod and the outside host run an echo
 //! application on port 8080 that records who connected. Steps: capture and tunnel with the
-//! client's address and identity seen, two pods on one node, passthrough, inbound plaintext, no
+//! client's address and identity seen, deliveries from the ports `--delivery-ports` gives, two pods on one node, passthrough, inbound plaintext, no
 //! re-capture, un-enrollment leaving nothing behind, fail-closed while node 2's agent is
 //! stopped, service again once it is restarted, no namespace left.
 
@@ -46,7 +46,10 @@ struct Family {
 }
 
 async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(&[&["a1", "a2"], &["b1"]], backend, inbound).await?;
+    let mut cluster = Cluster::build(&[&["a1", "a2"], &["b1"]], backend, inbound)?;
+    // Not the default range, to show the flag is what decides.
+    cluster.add_args(["--delivery-ports", "20000-20999"]);
+    cluster.start_agents().await?;
     // Ready agents drop their start-up pages (`residency`); all the traffic below runs after.
     for n in [1, 2] {
         cluster
@@ -120,6 +123,19 @@ async fn scenario(backend: &str, inbound: &str) -> anyhow::Result<()> {
             "b1 saw {:?}",
             b1_app.peers()
         );
+    }
+
+    // Deliveries (tunnelled or plaintext) come from the ports the agents were given; a
+    // passthrough keeps the port the client's kernel picked.
+    let delivered = b1_app.peer_addrs().into_iter().chain(a2_app.peer_addrs());
+    for peer in delivered {
+        ensure!(
+            (20000..=20999).contains(&peer.port()),
+            "a delivery came from {peer}, outside --delivery-ports 20000-20999"
+        );
+    }
+    for peer in out_app.peer_addrs() {
+        ensure!(peer.port() >= 32768, "a passthrough came from {peer}");
     }
 
     // Records are written when connections end, just after the echo completes.

@@ -25,7 +25,6 @@ use super::load::{self, Interrupt, Server};
 use super::usage::{Cpu, Process, Usage};
 use crate::demo::process::{AgentProcess, Spec};
 use crate::demo::topology::{Pod, Topology};
-use crate::proxy::delivery;
 
 /// Bound on an agent's start (certificates, rules, listeners).
 const AGENT_START: Duration = Duration::from_secs(20);
@@ -88,10 +87,10 @@ impl Bed {
             agent_bin,
         };
         // Wide port ranges, so connection churn does not run out of ports, above the ports
-        // the agents deliver from (`agent::proxy::delivery::SOURCE_PORTS`): the simulated
+        // the agents deliver from (`--delivery-ports`, by default `config::DEFAULT_DELIVERY_PORTS`): the simulated
         // nodes share one kernel, and a client port the same as a delivery's from the same
         // address to the same destination would be taken for the other connection's.
-        let ports = format!("{} 65535", delivery::SOURCE_PORTS.end() + 1);
+        let ports = format!("{} 65535", crate::config::DEFAULT_DELIVERY_PORTS.end() + 1);
         for node in &bed.topology.nodes {
             for pod in &node.pods {
                 pod.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;

@@ -8,14 +8,17 @@
 //! instead, and the log says so. Workloads in the agent's namespace (loopback mode) are
 //! connected to as before, from an address the kernel picks.
 //!
-//! The source port is the agent's pick from [`SOURCE_PORTS`], below the ephemeral range
-//! clients use (Linux's default is 32768-60999). A port the kernel picked from that range
+//! The source port is the agent's pick from `--delivery-ports` (by default
+//! [`DEFAULT_DELIVERY_PORTS`], below the ephemeral range clients use: Linux's default is
+//! 32768-60999). A port the kernel picked from that range
 //! could be one a client of the same address uses at the same time for a direct connection
 //! to the same destination: the two connections then share a 4-tuple in the pod (its
 //! conntrack entry, or with TPROXY the agent's own socket), and one of them is reset or
 //! hangs. Clients on the same node draw from the same kernel's port sequence, so that is not
 //! rare: in `tests/tests/upgrade.rs` about one in 7,000 connections from a pod out of the
-//! mesh to one in it, with no change going on.
+//! mesh to one in it, with no change going on. Where clients' ranges were widened, the
+//! delivery ports should be set apart from them; [`warn_if_ephemeral`] says so at start for
+//! the agent's own namespace (the node's, for a DaemonSet on the host network).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +28,8 @@ use socket2::Domain;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::Proxy;
+#[cfg(doc)]
+use crate::config::DEFAULT_DELIVERY_PORTS;
 use crate::netns::{Net, PodNet};
 
 /// Which source address the application sees.
@@ -38,10 +43,7 @@ pub enum Source {
     Host,
 }
 
-/// Source ports of connections delivered from a client's address.
-pub const SOURCE_PORTS: RangeInclusive<u16> = 1024..=32767;
-
-/// Ports tried from [`SOURCE_PORTS`] before the kernel picks one.
+/// Ports tried from the delivery ports before the kernel picks one.
 const PORT_TRIES: usize = 8;
 
 /// Connects to `dst` for a connection that originally came from `client`.
@@ -57,7 +59,8 @@ pub async fn connect(
     };
     let mut tries = 0;
     loop {
-        let port = (tries < PORT_TRIES).then(|| rand::random_range(SOURCE_PORTS));
+        let port =
+            (tries < PORT_TRIES).then(|| rand::random_range(proxy.cfg.delivery_ports.clone()));
         tries += 1;
         let Some((socket, source)) = socket(pod, client, dst, port)? else {
             continue;
@@ -74,6 +77,38 @@ pub async fn connect(
             connected => return Ok((connected?, source)),
         }
     }
+}
+
+/// Logs a warning when `ports` overlap the ephemeral port range of the agent's own network
+/// namespace (`net.ipv4.ip_local_port_range`): clients there, and clients elsewhere tuned the
+/// same way, may then meet a delivery on the same 4-tuple. Returns the overlap.
+pub fn warn_if_ephemeral(ports: &RangeInclusive<u16>) -> Option<RangeInclusive<u16>> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).ok()?;
+    let ephemeral = parse_local_port_range(&text)?;
+    let overlap = overlap(ports, &ephemeral)?;
+    let shown = |r: &RangeInclusive<u16>| format!("{}-{}", r.start(), r.end());
+    tracing::warn!(
+        delivery_ports = %shown(ports),
+        ephemeral = %shown(&ephemeral),
+        overlap = %shown(&overlap),
+        "the delivery ports (--delivery-ports) overlap this namespace's ephemeral port range \
+         ({PATH}); a delivery can then take the 4-tuple of a client's direct connection: \
+         set them apart"
+    );
+    Some(overlap)
+}
+
+/// `ip_local_port_range`'s two numbers.
+fn parse_local_port_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let mut numbers = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+    let (low, high) = (numbers.next()??, numbers.next()??);
+    Some(low..=high)
+}
+
+fn overlap(a: &RangeInclusive<u16>, b: &RangeInclusive<u16>) -> Option<RangeInclusive<u16>> {
+    let (low, high) = (*a.start().max(b.start()), *a.end().min(b.end()));
+    (low <= high).then_some(low..=high)
 }
 
 /// The socket to deliver from, in the pod, and the source it will show: bound to `port` of
@@ -152,4 +187,26 @@ fn transparent_socket(
             .map_err(|e| Unpermitted(format!("binding {client}: {e}")))?,
     }
     Ok(TcpSocket::from_std_stream(socket.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlaps_with_the_ephemeral_range_are_found() {
+        assert_eq!(
+            parse_local_port_range("32768\t60999\n"),
+            Some(32768..=60999)
+        );
+        assert_eq!(parse_local_port_range("32768"), None);
+        let default = crate::config::DEFAULT_DELIVERY_PORTS;
+        assert_eq!(overlap(&default, &(32768..=60999)), None);
+        assert_eq!(overlap(&default, &(1024..=65535)), Some(default.clone()));
+        assert_eq!(overlap(&default, &(30000..=40000)), Some(30000..=32767));
+        assert_eq!(
+            overlap(&(40000..=40009), &(40009..=60999)),
+            Some(40009..=40009)
+        );
+    }
 }
