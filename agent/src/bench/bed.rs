@@ -15,6 +15,7 @@
 //! Dropping the bed kills the agents, stops the servers, deletes the namespaces and files.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -86,11 +87,13 @@ impl Bed {
             agent_args: agent_args.to_vec(),
             agent_bin,
         };
-        // Wide port ranges, so connection churn does not run out of ports, above the ports
-        // the agents deliver from (`--delivery-ports`, by default `config::DEFAULT_DELIVERY_PORTS`): the simulated
-        // nodes share one kernel, and a client port the same as a delivery's from the same
-        // address to the same destination would be taken for the other connection's.
-        let ports = format!("{} 65535", crate::config::DEFAULT_DELIVERY_PORTS.end() + 1);
+        // Wide port ranges, so connection churn does not run out of ports, apart from the
+        // ports the agents deliver from: the simulated nodes share one kernel, and a client
+        // port the same as a delivery's from the same address to the same destination would
+        // be taken for the other connection's.
+        let delivery = delivery_ports(agent_args, std::env::var("DELIVERY_PORTS").ok())?;
+        let ephemeral = ephemeral_ports(&delivery)?;
+        let ports = format!("{} {}", ephemeral.start(), ephemeral.end());
         for node in &bed.topology.nodes {
             for pod in &node.pods {
                 pod.ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -302,5 +305,79 @@ fn wait_ready(agent: &mut AgentProcess, interrupt: &Interrupt) -> anyhow::Result
             agent.log_text()
         );
         load::sleep(Duration::from_millis(20), interrupt)?;
+    }
+}
+
+/// The agents' delivery ports: `--delivery-ports` among `agent_args` (the last one given),
+/// else the `DELIVERY_PORTS` they inherit, else the default.
+fn delivery_ports(
+    agent_args: &[String],
+    env: Option<String>,
+) -> anyhow::Result<RangeInclusive<u16>> {
+    let mut given = env;
+    let mut args = agent_args.iter();
+    while let Some(arg) = args.next() {
+        if let Some(value) = arg.strip_prefix("--delivery-ports=") {
+            given = Some(value.to_owned());
+        } else if arg == "--delivery-ports" {
+            given = args.next().cloned();
+        }
+    }
+    match given {
+        Some(text) => crate::config::parse_port_range(&text)
+            .map_err(|e| anyhow::anyhow!("--delivery-ports of the agents: {e}")),
+        None => Ok(crate::config::DEFAULT_DELIVERY_PORTS),
+    }
+}
+
+/// The simulated pods' ephemeral port range: the wider side of 1024-65535 left by `delivery`.
+fn ephemeral_ports(delivery: &RangeInclusive<u16>) -> anyhow::Result<RangeInclusive<u16>> {
+    let below = 1024..=delivery.start().saturating_sub(1);
+    let above = delivery.end().saturating_add(1)..=65535;
+    let width = |r: &RangeInclusive<u16>| r.end().saturating_sub(*r.start());
+    let wider = if width(&above) >= width(&below) {
+        above
+    } else {
+        below
+    };
+    // The connection cases open thousands of connections a second from one client address.
+    ensure!(
+        width(&wider) >= 10_000,
+        "the agents' delivery ports {}-{} leave the simulated pods no 10,000 ports of their own",
+        delivery.start(),
+        delivery.end()
+    );
+    Ok(wider)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_pods_ports_stay_apart_from_the_agents_delivery_ports() {
+        let default = delivery_ports(&[], None).unwrap();
+        assert_eq!(default, crate::config::DEFAULT_DELIVERY_PORTS);
+        assert_eq!(ephemeral_ports(&default).unwrap(), 32768..=65535);
+        let given = args(&[
+            "--inbound-mode",
+            "tproxy",
+            "--delivery-ports",
+            "50000-65535",
+        ]);
+        let ports = delivery_ports(&given, Some("2000-2999".into())).unwrap();
+        assert_eq!(ports, 50000..=65535);
+        assert_eq!(ephemeral_ports(&ports).unwrap(), 1024..=49999);
+        let from_env = delivery_ports(&args(&["--delivery-ports=x"]), None).unwrap_err();
+        assert!(from_env.to_string().contains("LOW-HIGH"), "{from_env}");
+        assert_eq!(
+            delivery_ports(&[], Some("2000-2999".into())).unwrap(),
+            2000..=2999
+        );
+        assert!(ephemeral_ports(&(5000..=60000)).is_err());
     }
 }
