@@ -8,13 +8,12 @@
 //! instead, and the log says so. Workloads in the agent's namespace (loopback mode) are
 //! connected to as before, from an address the kernel picks.
 //!
-//! The source port is the agent's pick from `--delivery-ports` (by default
-//! [`DEFAULT_DELIVERY_PORTS`], below the ephemeral range clients use: Linux's default is
-//! 32768-60999). A port the kernel picked from that range
-//! could be one a client of the same address uses at the same time for a direct connection
-//! to the same destination: the two connections then share a 4-tuple in the pod (its
-//! conntrack entry, or with TPROXY the agent's own socket), and one of them is reset or
-//! hangs. Clients on the same node draw from the same kernel's port sequence, so that is not
+//! The source port is the agent's pick from `--delivery-ports`, by default
+//! [`crate::config::DEFAULT_DELIVERY_PORTS`]: below the ephemeral range clients use (Linux's
+//! default is 32768-60999). A port the kernel picked from that range could be one a client
+//! of the same address uses at the same time for a direct connection to the same
+//! destination: the two connections then share a 4-tuple in the pod (its conntrack entry, or
+//! with TPROXY the agent's own socket), and one of them is reset or hangs. Clients on the same node draw from the same kernel's port sequence, so that is not
 //! rare: in `tests/tests/upgrade.rs` about one in 7,000 connections from a pod out of the
 //! mesh to one in it, with no change going on. Where clients' ranges were widened, the
 //! delivery ports should be set apart from them; [`warn_if_ephemeral`] says so at start for
@@ -28,8 +27,6 @@ use socket2::Domain;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::Proxy;
-#[cfg(doc)]
-use crate::config::DEFAULT_DELIVERY_PORTS;
 use crate::netns::{Net, PodNet};
 
 /// Which source address the application sees.
