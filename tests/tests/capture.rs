@@ -6,9 +6,10 @@
 //! over IPv4 and IPv6: node 1 runs pods a1 and a2, node 2 runs pod b1, and a host outside the
 //! mesh (198.18.0.200, 2001:2::200) has no agent. Every pod and the outside host run an echo
 //! application on port 8080 that records who connected. Steps: capture and tunnel with the
-//! client's address and identity seen, deliveries from the ports `--delivery-ports` gives, two pods on one node, passthrough, inbound plaintext, no
-//! re-capture, un-enrollment leaving nothing behind, fail-closed while node 2's agent is
-//! stopped, service again once it is restarted, no namespace left.
+//! client's address and identity seen, two pods on one node, passthrough, inbound plaintext,
+//! deliveries from the ports `--delivery-ports` gives, no re-capture, un-enrollment leaving
+//! nothing behind, fail-closed while node 2's agent is stopped, service again once it is
+//! restarted, no namespace left.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
