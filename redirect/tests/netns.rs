@@ -443,6 +443,20 @@ fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
     })
 }
 
+/// Runs `check` for every backend variant × inbound mode on a fresh pod and peer pair, with
+/// the mode's capture plan applied in the pod; the namespaces are deleted after each run.
+fn for_each_captured_pair(mut check: impl FnMut(Variant, InboundMode, &Netns, &Netns)) {
+    for variant in VARIANTS {
+        for mode in MODES {
+            let pair = Pair::create();
+            let pod = pair.pod.open().unwrap();
+            let peer = pair.peer.open().unwrap();
+            apply(&pod, &plan(mode), variant.backend(), &variant.tools()).unwrap();
+            check(variant, mode, &pod, &peer);
+        }
+    }
+}
+
 /// The destination the client asked for: SO_ORIGINAL_DST after REDIRECT, the socket's own
 /// address after TPROXY.
 fn original_dst(stream: &TcpStream, tproxied: bool) -> SocketAddr {
@@ -463,60 +477,54 @@ fn captured_traffic_reaches_the_agent_ports() {
     if !setup("captured_traffic_reaches_the_agent_ports") {
         return;
     }
-    for variant in VARIANTS {
-        for mode in MODES {
-            let case = format!("{variant:?} {mode:?}");
-            let pair = Pair::create();
-            let pod = pair.pod.open().unwrap();
-            let peer = pair.peer.open().unwrap();
-            apply(&pod, &plan(mode), variant.backend(), &variant.tools()).unwrap();
-            let tproxy = mode == InboundMode::Tproxy;
+    for_each_captured_pair(|variant, mode, pod, peer| {
+        let case = format!("{variant:?} {mode:?}");
+        let tproxy = mode == InboundMode::Tproxy;
 
-            // Agent listeners inside the pod; apps in the pod (9090) and on the peer (8080).
-            let outbound = [
-                listen(&pod, "0.0.0.0", 15001, false),
-                listen(&pod, "::", 15001, false),
-            ];
-            let inbound = listen(&pod, "0.0.0.0", 15006, tproxy);
-            let hbone = listen(&pod, "0.0.0.0", 15008, tproxy);
-            let pod_app = listen(&pod, POD4, 9090, false);
-            let peer_app = listen(&peer, PEER4, 8080, false);
+        // Agent listeners inside the pod; apps in the pod (9090) and on the peer (8080).
+        let outbound = [
+            listen(pod, "0.0.0.0", 15001, false),
+            listen(pod, "::", 15001, false),
+        ];
+        let inbound = listen(pod, "0.0.0.0", 15006, tproxy);
+        let hbone = listen(pod, "0.0.0.0", 15008, tproxy);
+        let pod_app = listen(pod, POD4, 9090, false);
+        let peer_app = listen(peer, PEER4, 8080, false);
 
-            // The app's outbound connections land on 15001 with the original destination.
-            for (listener, peer_ip) in outbound.iter().zip([PEER4, PEER6]) {
-                let to = addr(peer_ip, 8080);
-                let _client = connect(&pod, to, None, None)
-                    .unwrap_or_else(|e| panic!("{case}: connect {to}: {e}"));
-                let (conn, _) = accept(listener, &format!("{case}: outbound to {to}"));
-                assert_eq!(original_dst(&conn, false), to, "{case}");
-            }
-
-            // The agent's own (marked) sockets pass uncaptured.
-            let _agent = connect(&pod, addr(PEER4, 8080), Some(0x539), None).unwrap();
-            accept(&peer_app, &format!("{case}: marked connection to the peer"));
-
-            // The pod calling its own IP stays local.
-            let _client = connect(&pod, addr(POD4, 9090), None, None).unwrap();
-            accept(&pod_app, &format!("{case}: pod to its own IP"));
-
-            // Inbound plaintext lands on 15006; HBONE on 15008.
-            let _client = connect(&peer, addr(POD4, 8080), None, None)
-                .unwrap_or_else(|e| panic!("{case}: inbound: {e}"));
-            let (conn, _) = accept(&inbound, &format!("{case}: inbound to {POD4}:8080"));
-            assert_eq!(original_dst(&conn, tproxy), addr(POD4, 8080), "{case}");
-            let _client = connect(&peer, addr(POD4, 15008), None, None).unwrap();
-            let (conn, _) = accept(&hbone, &format!("{case}: inbound HBONE"));
-            assert_eq!(conn.local_addr().unwrap(), addr(POD4, 15008), "{case}");
-
-            // Return path: the agent connects to the pod's app with the peer's address as
-            // source; the app's replies must come back to it, not leave the pod.
-            let spoofed = addr(PEER4, 40000);
-            let _agent = connect(&pod, addr(POD4, 9090), Some(0x539), Some(spoofed))
-                .unwrap_or_else(|e| panic!("{case}: spoofed-source connect: {e}"));
-            let (_, seen) = accept(&pod_app, &format!("{case}: spoofed-source connection"));
-            assert_eq!(seen, spoofed, "{case}");
+        // The app's outbound connections land on 15001 with the original destination.
+        for (listener, peer_ip) in outbound.iter().zip([PEER4, PEER6]) {
+            let to = addr(peer_ip, 8080);
+            let _client = connect(pod, to, None, None)
+                .unwrap_or_else(|e| panic!("{case}: connect {to}: {e}"));
+            let (conn, _) = accept(listener, &format!("{case}: outbound to {to}"));
+            assert_eq!(original_dst(&conn, false), to, "{case}");
         }
-    }
+
+        // The agent's own (marked) sockets pass uncaptured.
+        let _agent = connect(pod, addr(PEER4, 8080), Some(0x539), None).unwrap();
+        accept(&peer_app, &format!("{case}: marked connection to the peer"));
+
+        // The pod calling its own IP stays local.
+        let _client = connect(pod, addr(POD4, 9090), None, None).unwrap();
+        accept(&pod_app, &format!("{case}: pod to its own IP"));
+
+        // Inbound plaintext lands on 15006; HBONE on 15008.
+        let _client = connect(peer, addr(POD4, 8080), None, None)
+            .unwrap_or_else(|e| panic!("{case}: inbound: {e}"));
+        let (conn, _) = accept(&inbound, &format!("{case}: inbound to {POD4}:8080"));
+        assert_eq!(original_dst(&conn, tproxy), addr(POD4, 8080), "{case}");
+        let _client = connect(peer, addr(POD4, 15008), None, None).unwrap();
+        let (conn, _) = accept(&hbone, &format!("{case}: inbound HBONE"));
+        assert_eq!(conn.local_addr().unwrap(), addr(POD4, 15008), "{case}");
+
+        // Return path: the agent connects to the pod's app with the peer's address as
+        // source; the app's replies must come back to it, not leave the pod.
+        let spoofed = addr(PEER4, 40000);
+        let _agent = connect(pod, addr(POD4, 9090), Some(0x539), Some(spoofed))
+            .unwrap_or_else(|e| panic!("{case}: spoofed-source connect: {e}"));
+        let (_, seen) = accept(&pod_app, &format!("{case}: spoofed-source connection"));
+        assert_eq!(seen, spoofed, "{case}");
+    });
 }
 
 #[test]
@@ -524,27 +532,21 @@ fn inbound_without_the_agent_never_reaches_the_app() {
     if !setup("inbound_without_the_agent_never_reaches_the_app") {
         return;
     }
-    for variant in VARIANTS {
-        for mode in MODES {
-            let pair = Pair::create();
-            let pod = pair.pod.open().unwrap();
-            let peer = pair.peer.open().unwrap();
-            apply(&pod, &plan(mode), variant.backend(), &variant.tools()).unwrap();
-            let app = listen(&pod, POD4, 8080, false);
-            app.set_nonblocking(true).unwrap();
-            // No listener on 15006: REDIRECT gets a reset, TPROXY drops; either way it fails.
-            let result = connect(&peer, addr(POD4, 8080), None, None);
-            assert!(
-                result.is_err(),
-                "{variant:?} {mode:?}: connected around capture"
-            );
-            assert_eq!(
-                app.accept().map(|_| ()).unwrap_err().kind(),
-                io::ErrorKind::WouldBlock,
-                "{variant:?} {mode:?}: the app got a connection"
-            );
-        }
-    }
+    for_each_captured_pair(|variant, mode, pod, peer| {
+        let app = listen(pod, POD4, 8080, false);
+        app.set_nonblocking(true).unwrap();
+        // No listener on 15006: REDIRECT gets a reset, TPROXY drops; either way it fails.
+        let result = connect(peer, addr(POD4, 8080), None, None);
+        assert!(
+            result.is_err(),
+            "{variant:?} {mode:?}: connected around capture"
+        );
+        assert_eq!(
+            app.accept().map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "{variant:?} {mode:?}: the app got a connection"
+        );
+    });
 }
 
 /// Sends `what` on `from` and reads it on `to`, within `timeout`.
@@ -567,91 +569,85 @@ fn stopping_capture_keeps_the_return_path_of_delivered_connections() {
     if !setup("stopping_capture_keeps_the_return_path_of_delivered_connections") {
         return;
     }
-    for variant in VARIANTS {
-        for mode in MODES {
-            let case = format!("{variant:?} {mode:?}");
-            let pair = Pair::create();
-            let pod = pair.pod.open().unwrap();
-            let peer = pair.peer.open().unwrap();
-            let plan = plan(mode);
-            let (backend, tools) = (variant.backend(), variant.tools());
-            apply(&pod, &plan, backend, &tools).unwrap();
-            let pod_app = listen(&pod, POD4, 9090, false);
-            let peer_app = listen(&peer, PEER4, 8080, false);
+    for_each_captured_pair(|variant, mode, pod, peer| {
+        let case = format!("{variant:?} {mode:?}");
+        let plan = plan(mode);
+        let (backend, tools) = (variant.backend(), variant.tools());
+        let pod_app = listen(pod, POD4, 9090, false);
+        let peer_app = listen(peer, PEER4, 8080, false);
 
-            // A connection the agent delivered from the peer's address before the capture
-            // stopped, and one it delivers after (accepted earlier, connected late).
-            let spoofed = |port| addr(PEER4, port);
-            let mut before = connect(&pod, addr(POD4, 9090), Some(0x539), Some(spoofed(40001)))
-                .unwrap_or_else(|e| panic!("{case}: spoofed-source connect: {e}"));
-            let (mut before_app, _) = accept(&pod_app, &case);
-            // Connections captured before: the app's outbound one on 15001, the peer's
-            // inbound one on 15006 (their NAT or socket must hold after the capture stops).
-            let tproxy = mode == InboundMode::Tproxy;
-            let outbound = listen(&pod, "0.0.0.0", 15001, false);
-            let inbound = listen(&pod, "0.0.0.0", 15006, tproxy);
-            let mut app_out = connect(&pod, addr(PEER4, 8080), None, None).unwrap();
-            let (mut agent_out, _) = accept(&outbound, &format!("{case}: outbound"));
-            let mut peer_in = connect(&peer, addr(POD4, 8080), None, None).unwrap();
-            let (mut agent_in, _) = accept(&inbound, &format!("{case}: inbound"));
-            stop_capture(&pod, &plan, backend, &tools).unwrap();
-            stop_capture(&pod, &plan, backend, &tools).unwrap();
-            let mut after = connect(&pod, addr(POD4, 9090), Some(0x539), Some(spoofed(40002)))
-                .unwrap_or_else(|e| panic!("{case}: spoofed-source connect after: {e}"));
-            let (mut after_app, _) = accept(&pod_app, &case);
-            for (agent, app) in [(&mut before, &mut before_app), (&mut after, &mut after_app)] {
-                carries(app, agent, b"reply", WAIT)
-                    .unwrap_or_else(|e| panic!("{case}: the app's reply was lost: {e}"));
-                carries(agent, app, b"request", WAIT).unwrap();
-            }
-            for (what, client, agent) in [
-                ("outbound", &mut app_out, &mut agent_out),
-                ("inbound", &mut peer_in, &mut agent_in),
-            ] {
-                carries(client, agent, b"more", WAIT)
-                    .unwrap_or_else(|e| panic!("{case}: captured {what}, to the agent: {e}"));
-                carries(agent, client, b"back", WAIT)
-                    .unwrap_or_else(|e| panic!("{case}: captured {what}, from the agent: {e}"));
-            }
-
-            // Nothing is captured any more: both directions go straight to the apps.
-            let _client = connect(&peer, addr(POD4, 9090), None, None)
-                .unwrap_or_else(|e| panic!("{case}: inbound after stop: {e}"));
-            accept(&pod_app, &format!("{case}: inbound after stop"));
-            let _client = connect(&pod, addr(PEER4, 8080), None, None)
-                .unwrap_or_else(|e| panic!("{case}: outbound after stop: {e}"));
-            accept(&peer_app, &format!("{case}: outbound after stop"));
-            let kept = snapshot(&pod, variant);
-            for capture in [
-                "REDIRECT",
-                "redirect",
-                "TPROXY",
-                "tproxy",
-                "*nat\n:AMBIENTD",
-            ] {
-                assert!(!kept.contains(capture), "{case}: {capture} left:\n{kept}");
-            }
-            assert_eq!(
-                kept.matches("fwmark 0x111/0xfff lookup 100").count(),
-                2,
-                "{kept}"
-            );
-
-            // Without the return path the same reply leaves the pod and is lost.
-            remove(&pod, &plan, backend, &tools).unwrap();
-            assert_nothing_of_ours(&snapshot(&pod, variant));
-            assert!(
-                carries(
-                    &mut before_app,
-                    &mut before,
-                    b"lost",
-                    Duration::from_millis(300)
-                )
-                .is_err(),
-                "{case}: the reply arrived without the return path"
-            );
+        // A connection the agent delivered from the peer's address before the capture
+        // stopped, and one it delivers after (accepted earlier, connected late).
+        let spoofed = |port| addr(PEER4, port);
+        let mut before = connect(pod, addr(POD4, 9090), Some(0x539), Some(spoofed(40001)))
+            .unwrap_or_else(|e| panic!("{case}: spoofed-source connect: {e}"));
+        let (mut before_app, _) = accept(&pod_app, &case);
+        // Connections captured before: the app's outbound one on 15001, the peer's
+        // inbound one on 15006 (their NAT or socket must hold after the capture stops).
+        let tproxy = mode == InboundMode::Tproxy;
+        let outbound = listen(pod, "0.0.0.0", 15001, false);
+        let inbound = listen(pod, "0.0.0.0", 15006, tproxy);
+        let mut app_out = connect(pod, addr(PEER4, 8080), None, None).unwrap();
+        let (mut agent_out, _) = accept(&outbound, &format!("{case}: outbound"));
+        let mut peer_in = connect(peer, addr(POD4, 8080), None, None).unwrap();
+        let (mut agent_in, _) = accept(&inbound, &format!("{case}: inbound"));
+        stop_capture(pod, &plan, backend, &tools).unwrap();
+        stop_capture(pod, &plan, backend, &tools).unwrap();
+        let mut after = connect(pod, addr(POD4, 9090), Some(0x539), Some(spoofed(40002)))
+            .unwrap_or_else(|e| panic!("{case}: spoofed-source connect after: {e}"));
+        let (mut after_app, _) = accept(&pod_app, &case);
+        for (agent, app) in [(&mut before, &mut before_app), (&mut after, &mut after_app)] {
+            carries(app, agent, b"reply", WAIT)
+                .unwrap_or_else(|e| panic!("{case}: the app's reply was lost: {e}"));
+            carries(agent, app, b"request", WAIT).unwrap();
         }
-    }
+        for (what, client, agent) in [
+            ("outbound", &mut app_out, &mut agent_out),
+            ("inbound", &mut peer_in, &mut agent_in),
+        ] {
+            carries(client, agent, b"more", WAIT)
+                .unwrap_or_else(|e| panic!("{case}: captured {what}, to the agent: {e}"));
+            carries(agent, client, b"back", WAIT)
+                .unwrap_or_else(|e| panic!("{case}: captured {what}, from the agent: {e}"));
+        }
+
+        // Nothing is captured any more: both directions go straight to the apps.
+        let _client = connect(peer, addr(POD4, 9090), None, None)
+            .unwrap_or_else(|e| panic!("{case}: inbound after stop: {e}"));
+        accept(&pod_app, &format!("{case}: inbound after stop"));
+        let _client = connect(pod, addr(PEER4, 8080), None, None)
+            .unwrap_or_else(|e| panic!("{case}: outbound after stop: {e}"));
+        accept(&peer_app, &format!("{case}: outbound after stop"));
+        let kept = snapshot(pod, variant);
+        for capture in [
+            "REDIRECT",
+            "redirect",
+            "TPROXY",
+            "tproxy",
+            "*nat\n:AMBIENTD",
+        ] {
+            assert!(!kept.contains(capture), "{case}: {capture} left:\n{kept}");
+        }
+        assert_eq!(
+            kept.matches("fwmark 0x111/0xfff lookup 100").count(),
+            2,
+            "{kept}"
+        );
+
+        // Without the return path the same reply leaves the pod and is lost.
+        remove(pod, &plan, backend, &tools).unwrap();
+        assert_nothing_of_ours(&snapshot(pod, variant));
+        assert!(
+            carries(
+                &mut before_app,
+                &mut before,
+                b"lost",
+                Duration::from_millis(300)
+            )
+            .is_err(),
+            "{case}: the reply arrived without the return path"
+        );
+    });
 }
 
 #[test]
